@@ -1,0 +1,1 @@
+"""Ophyd devices over any pymmcore-plus ``CMMCorePlus``."""

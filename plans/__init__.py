@@ -1,0 +1,1 @@
+"""Bluesky plans: calibration, autofocus and their composition into scans."""
