@@ -105,16 +105,19 @@ def _blob_mask(
 
 def _splat(shape: tuple[int, int], ys: NDArray, xs: NDArray, w: NDArray) -> NDArray:
     """Bilinear deposit of weights ``w`` at sub-pixel points."""
-    out = np.zeros(shape, dtype=np.float64)
-    y0 = np.floor(ys).astype(int)
-    x0 = np.floor(xs).astype(int)
+    h, wd = shape
+    y0 = np.floor(ys).astype(np.int64)
+    x0 = np.floor(xs).astype(np.int64)
     fy, fx = ys - y0, xs - x0
+    idx_all, val_all = [], []
     for dy, wy in ((0, 1 - fy), (1, fy)):
         for dx, wx in ((0, 1 - fx), (1, fx)):
             yy, xx = y0 + dy, x0 + dx
-            ok = (yy >= 0) & (yy < shape[0]) & (xx >= 0) & (xx < shape[1])
-            np.add.at(out, (yy[ok], xx[ok]), (w * wy * wx)[ok])
-    return out
+            ok = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < wd)
+            idx_all.append((yy * wd + xx)[ok])
+            val_all.append((w * wy * wx)[ok])
+    flat = np.bincount(np.concatenate(idx_all), np.concatenate(val_all), minlength=h * wd)
+    return flat.reshape(shape).astype(np.float64)
 
 
 def _gauss_blur(img: NDArray, sigma_px: float) -> NDArray:
@@ -131,7 +134,7 @@ def _curves(
     shape: tuple[int, int], rng: Rng, n: int, length_px: float, persistence_px: float
 ) -> tuple[NDArray, NDArray, NDArray]:
     """Points (0.35 px apart) along ``n`` smooth random curves, with a per-curve weight."""
-    step = 0.35
+    step = 0.5
     m = max(4, int(length_px / step))
     ys_all, xs_all, w_all = [], [], []
     for _ in range(n):
@@ -147,9 +150,12 @@ def _curves(
     return np.concatenate(ys_all), np.concatenate(xs_all), np.concatenate(w_all)
 
 
-def _n_for_density(shape: tuple[int, int], px: float, per_1000um2: float, rng: Rng) -> int:
+def _n_for_density(
+    shape: tuple[int, int], px: float, per_1000um2: float, rng: Rng, cap: int = 400
+) -> int:
+    """Poisson object count for a density, capped (a coarse field would hold thousands)."""
     area = shape[0] * shape[1] * px * px / 1000.0
-    return int(rng.poisson(max(per_1000um2 * area, 0.0)))
+    return min(cap, int(rng.poisson(max(per_1000um2 * area, 0.0))))
 
 
 def _uniform_points(n: int, shape: tuple[int, int], rng: Rng, pad: float = 0) -> NDArray:
@@ -176,8 +182,9 @@ def _cells(shape, px, rng):
 
 def _filaments(shape, px, rng):
     """Cytoskeleton-like smooth curves (sub-resolution to ~0.5 um wide)."""
-    n = max(1, _n_for_density(shape, px, rng.uniform(2, 30), rng))
-    ys, xs, w = _curves(shape, rng, n, rng.uniform(20, 200) / px, rng.uniform(5, 60) / px)
+    n = min(300, max(1, _n_for_density(shape, px, rng.uniform(2, 30), rng)))
+    length = min(rng.uniform(20, 200) / px, 4.0 * max(shape))
+    ys, xs, w = _curves(shape, rng, n, length, rng.uniform(5, 60) / px)
     img = _splat(shape, ys, xs, w)
     img = _gauss_blur(img, rng.uniform(0.0, 0.2) / px)
     img *= 1.0 / max(1e-6, np.percentile(img[img > 0], 99) if np.any(img > 0) else 1.0)
@@ -351,6 +358,59 @@ def _text(shape, px, rng):
     return img
 
 
+_PHOTO_FILES = (
+    "astronaut.png", "brick.png", "camera.png", "chelsea.png", "coffee.png", "grass.png",
+    "gravel.png", "horse.png", "rocket.jpg", "motorcycle_left.png", "phantom.png",
+    "clock_motion.png", "color.png",
+)
+_photo_cache: list[NDArray] = []
+
+
+def _load_photos() -> list[NDArray]:
+    """Natural photographs bundled with scikit-image (no microscopy: those are kept for
+    evaluation). Needs the optional dependency scikit-image."""
+    if not _photo_cache:
+        try:
+            import skimage.data as skd
+            from skimage.color import rgb2gray
+            from skimage.io import imread
+        except ImportError as exc:  # pragma: no cover - optional dependency
+            raise ImportError(
+                "The 'photos' specimen family needs scikit-image: pip install scikit-image"
+            ) from exc
+        from pathlib import Path
+
+        folder = Path(skd.__file__).parent
+        for name in _PHOTO_FILES:
+            img = np.asarray(imread(folder / name), dtype=np.float64)
+            if img.ndim == 3:
+                img = rgb2gray(img[..., :3])
+            img = img - img.min()
+            _photo_cache.append(img / max(img.max(), 1e-9))
+    return _photo_cache
+
+
+def _photos(shape, px, rng):
+    """Random crops of natural photographs at random zoom, gamma and polarity."""
+    from scipy.ndimage import zoom
+
+    photos = _load_photos()
+    img = photos[int(rng.integers(len(photos)))]
+    h0, w0 = img.shape
+    min_scale = max((shape[0] + 4) / (h0 - 2), (shape[1] + 4) / (w0 - 2))
+    scale = max(float(np.exp(rng.uniform(np.log(0.5), np.log(3.0)))), min_scale)
+    need = (min(h0, int(np.ceil(shape[0] / scale)) + 2), min(w0, int(np.ceil(shape[1] / scale)) + 2))
+    y0 = int(rng.integers(0, h0 - need[0] + 1))
+    x0 = int(rng.integers(0, w0 - need[1] + 1))
+    crop = zoom(img[y0 : y0 + need[0], x0 : x0 + need[1]], scale, order=1)[: shape[0], : shape[1]]
+    if crop.shape != shape:
+        crop = np.pad(crop, [(0, shape[0] - crop.shape[0]), (0, shape[1] - crop.shape[1])], mode="edge")
+    crop = np.clip(crop, 0, 1) ** rng.uniform(0.5, 2.0)
+    if rng.random() < 0.5:
+        crop = 1.0 - crop
+    return rng.uniform(0.3, 1.0) * crop + rng.uniform(0.0, 0.2)
+
+
 _Gen = Callable[[tuple[int, int], float, Rng], NDArray]
 
 FAMILIES: dict[str, _Gen] = {
@@ -366,8 +426,9 @@ FAMILIES: dict[str, _Gen] = {
     "smooth": _smooth,
     "neurons": _neurons,
     "text": _text,
+    "photos": _photos,
 }
-TRAIN_FAMILIES: tuple[str, ...] = ("cells", "filaments", "puncta", "texture", "edges")
+TRAIN_FAMILIES: tuple[str, ...] = ("cells", "filaments", "puncta", "texture", "edges", "photos")
 TEST_FAMILIES: tuple[str, ...] = (
     "nuclei",
     "sparse_nuclei",

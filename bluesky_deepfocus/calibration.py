@@ -1,0 +1,466 @@
+"""Calibration: one z-stack of any flat object -> the instrument's response curves.
+
+From a stack of frames at known stage positions a :class:`Calibration` holds
+
+* ``blur``: the CNN blur score ``b_calib(z)`` (the paper's calibration curve), with a
+  Moffat fit of ``exp(-(b - b_min))`` (for a blur radius ``r = sqrt(r0^2 + (a z)^2)``
+  the sharpness ``1/r`` *is* a Moffat profile with beta = 1/2) and its FWHM;
+* ``log_signal``: the radially binned ``log(P - N)`` power spectrum of each frame
+  (:mod:`.spectral`), i.e. the defocus transfer function up to a per-frequency constant,
+  which autofocus matches with the specimen cancelled;
+* the z axis centred on the stack's focus: the position about which the spectra are
+  most symmetric (precise and specimen-independent), cross-checked against the Moffat
+  centre;
+* the objective, pixel size, scorer model id/hash, fit quality and the run uid.
+
+A stack whose minimum sits at an end of the range, or whose fit is too poor to trust, is
+refused with a :class:`~.errors.CalibrationError` that says what to change.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+from scipy import optimize
+
+from .errors import CalibrationError
+from .spectral import EDGES, Spectrum
+
+__all__ = ["Calibration", "fit_moffat", "moffat"]
+
+FORMAT = "bluesky-deepfocus-calibration/1"
+
+
+def moffat(z: ArrayLike, amplitude: float, center: float, alpha: float, beta: float, background: float) -> NDArray[np.float64]:
+    """Moffat profile ``background + amplitude * (1 + ((z - center)/alpha)^2)^-beta``."""
+    u = (np.asarray(z, dtype=float) - center) / alpha
+    return background + amplitude * (1.0 + u * u) ** (-beta)
+
+
+def fit_moffat(z: ArrayLike, y: ArrayLike) -> tuple[dict[str, float], float]:
+    """Least-squares Moffat fit; returns parameters (with ``fwhm``) and R^2."""
+    z = np.asarray(z, dtype=float)
+    y = np.asarray(y, dtype=float)
+    ok = np.isfinite(y)
+    z, y = z[ok], y[ok]
+    if len(z) < 5:
+        raise CalibrationError(f"Only {len(z)} informative frames; a Moffat fit needs at least 5.")
+    i = int(np.argmax(y))
+    span = float(z.max() - z.min())
+    p0 = [float(y[i] - y.min()), float(z[i]), span / 20, 0.5, float(y.min())]
+    bounds = ([0, z.min(), span / 2000, 0.1, -np.inf], [np.inf, z.max(), span, 5.0, np.inf])
+    try:
+        p, _ = optimize.curve_fit(moffat, z, y, p0=p0, bounds=bounds, maxfev=20000)
+    except (RuntimeError, ValueError) as exc:
+        raise CalibrationError(f"The Moffat fit of the calibration curve failed ({exc}).") from exc
+    resid = y - moffat(z, *p)
+    ss = float(((y - y.mean()) ** 2).sum())
+    r2 = 1.0 - float((resid**2).sum()) / ss if ss > 0 else 0.0
+    amp, c, a, b, bg = (float(v) for v in p)
+    fwhm = 2 * a * math.sqrt(2 ** (1 / b) - 1)
+    return {"amplitude": amp, "center": c, "alpha": a, "beta": b, "background": bg, "fwhm": fwhm}, r2
+
+
+def _interp_columns(zq: NDArray[np.float64], z: NDArray[np.float64], table: NDArray[np.float64], max_gap: float) -> NDArray[np.float64]:
+    """Linear interpolation of each column of ``table`` (NaN = missing) at ``zq``.
+
+    A query is NaN when either neighbour is missing or lies farther than ``max_gap``.
+    """
+    j = np.clip(np.searchsorted(z, zq) - 1, 0, len(z) - 2)
+    z0, z1 = z[j], z[j + 1]
+    t = ((zq - z0) / (z1 - z0))[:, None]
+    a, b = table[j], table[j + 1]
+    out = (1 - t) * a + t * b
+    bad = (zq < z[0]) | (zq > z[-1]) | ((z1 - z0) > max_gap)
+    out[bad] = np.nan
+    return out
+
+
+@dataclass
+class Calibration:
+    """The instrument's focus response for one objective / pixel configuration.
+
+    Build one with :meth:`from_stack` (the calibration plan does) or load one with
+    :meth:`from_run` / :meth:`load`.
+    """
+
+    z_um: NDArray[np.float64]
+    blur: NDArray[np.float64]
+    log_signal: NDArray[np.float64]
+    signal_weight: NDArray[np.float64]
+    detection_limit: NDArray[np.float64]
+    objective: str
+    pixel_size_um: float
+    dof_um: float
+    model_id: str
+    model_sha256: str = ""
+    scorer: str = "deepfocus"
+    moffat_params: dict[str, float] = field(default_factory=dict)
+    moffat_r2: float = float("nan")
+    focus_um: float = float("nan")
+    center_method: str = "spectral-symmetry"
+    quality: dict[str, float] = field(default_factory=dict)
+    uid: str | None = None
+    created: float = field(default_factory=time.time)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_stack(
+        cls,
+        z_um: Sequence[float] | NDArray,
+        blur: Sequence[float] | NDArray,
+        spectra: Sequence[Spectrum],
+        *,
+        objective: str,
+        pixel_size_um: float,
+        dof_um: float,
+        model_id: str,
+        model_sha256: str = "",
+        scorer: str = "deepfocus",
+        min_r2: float = 0.9,
+        uid: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Calibration:
+        """Fit a calibration to a z-stack (absolute stage positions, any order).
+
+        Raises
+        ------
+        CalibrationError
+            Fewer than 7 frames; no informative frame near the minimum; the minimum at an
+            end of the range (extend ``start``/``stop`` or centre the stack on focus); a
+            Moffat fit with R^2 below ``min_r2`` (use a flat, textured, well-exposed object
+            and a finer step).
+        """
+        z = np.asarray(z_um, dtype=float)
+        b = np.asarray(blur, dtype=float)
+        if len(z) != len(b) or len(z) != len(spectra):
+            raise CalibrationError(
+                f"z ({len(z)}), blur ({len(b)}) and spectra ({len(spectra)}) lengths differ."
+            )
+        if len(z) < 7:
+            raise CalibrationError(
+                f"A calibration stack needs at least 7 frames, got {len(z)}; use num >= 21 over "
+                "+/- 10 depths of field."
+            )
+        order = np.argsort(z)
+        z, b = z[order], b[order]
+        spectra = [spectra[i] for i in order]
+        step = float(np.median(np.diff(z)))
+        if step <= 0:
+            raise CalibrationError(f"Stack positions are not distinct: {z.tolist()!r}.")
+        if np.sum(np.isfinite(b)) < 5:
+            raise CalibrationError(
+                f"Only {int(np.sum(np.isfinite(b)))} of {len(b)} frames hold focus information "
+                "(blank, dark or saturated): check the light path, exposure and that the object "
+                "is in the field of view."
+            )
+        i_min = int(np.nanargmin(b))
+        informative = np.flatnonzero(np.isfinite(b))
+        if i_min in (informative[0], informative[-1]):
+            raise CalibrationError(
+                f"The blur minimum is at the end of the stack (z = {z[i_min]:.2f} um of "
+                f"[{z[0]:.2f}, {z[-1]:.2f}]): focus is not inside the range. Start the "
+                "calibration closer to focus or widen start/stop."
+            )
+        logs = np.full((len(z), len(EDGES) - 1), np.nan)
+        weights = np.zeros_like(logs)
+        limits = np.array([sp.detection_limit() for sp in spectra])
+        for j, sp in enumerate(spectra):
+            logs[j], weights[j] = sp.log_signal()
+        sharp = np.exp(-(b - np.nanmin(b)))
+        params, r2 = fit_moffat(z, sharp)
+        if not np.isfinite(r2) or r2 < min_r2:
+            raise CalibrationError(
+                f"The calibration curve is too irregular to trust (Moffat R^2 = {r2:.3f} < "
+                f"{min_r2}). Use a flat, textured, well-exposed object filling the field, and a "
+                "step of at most a quarter depth of field near focus."
+            )
+        center_moffat = params["center"]
+        center, sym_cost = _symmetric_center(z, logs, weights, center_moffat, step)
+        method = "spectral-symmetry"
+        if not np.isfinite(center) or abs(center - center_moffat) > max(2 * dof_um, 3 * step):
+            center, method = center_moffat, "moffat"
+        if not (z[0] + step <= center <= z[-1] - step):
+            raise CalibrationError(
+                f"The fitted focus z = {center:.2f} um lies at the edge of the stack "
+                f"[{z[0]:.2f}, {z[-1]:.2f}] um; centre the calibration stack on focus."
+            )
+        params = dict(params, center=params["center"] - center)
+        return cls(
+            z_um=z - center,
+            blur=b,
+            log_signal=logs,
+            signal_weight=weights,
+            detection_limit=limits,
+            objective=str(objective),
+            pixel_size_um=float(pixel_size_um),
+            dof_um=float(dof_um),
+            model_id=str(model_id),
+            model_sha256=str(model_sha256),
+            scorer=str(scorer),
+            moffat_params=params,
+            moffat_r2=float(r2),
+            focus_um=float(center),
+            center_method=method,
+            quality={
+                "moffat_r2": float(r2),
+                "symmetry_rms": float(sym_cost),
+                "moffat_vs_spectral_um": float(center_moffat - center),
+                "n_frames": float(len(z)),
+                "step_um": step,
+                "informative_frames": float(np.sum(np.isfinite(b))),
+            },
+            uid=uid,
+            metadata=dict(metadata or {}),
+        )
+
+    # ---------------------------------------------------------------- evaluation
+    @property
+    def fwhm_um(self) -> float:
+        return float(self.moffat_params.get("fwhm", float("nan")))
+
+    @property
+    def z_range(self) -> tuple[float, float]:
+        return float(self.z_um[0]), float(self.z_um[-1])
+
+    @property
+    def step_um(self) -> float:
+        return float(np.median(np.diff(self.z_um)))
+
+    def b_calib(self, z: ArrayLike) -> NDArray[np.float64]:
+        """Calibration blur score at defocus ``z`` (um from focus); NaN outside the stack."""
+        zq = np.atleast_1d(np.asarray(z, dtype=float))
+        ok = np.isfinite(self.blur)
+        out = np.interp(zq, self.z_um[ok], self.blur[ok], left=np.nan, right=np.nan)
+        return out
+
+    def log_transfer(self, z: ArrayLike) -> NDArray[np.float64]:
+        """Calibration ``log(P - N)`` spectra at defocus ``z`` (shape ``(len(z), K)``)."""
+        zq = np.atleast_1d(np.asarray(z, dtype=float))
+        return _interp_columns(zq, self.z_um, self.log_signal, 1.6 * self.step_um)
+
+    def transfer_table(self, z: ArrayLike) -> tuple[NDArray, NDArray, NDArray]:
+        """At defocus ``z``: ``log(P - N)`` (NaN where undetected), its weight, and the
+        detection limit (an upper bound where undetected); each ``(len(z), K)``.
+
+        Beyond the stack's range the end frames are used (the response is flat there
+        for the bins it still detects, and undetected bins stay bounded).
+        """
+        zq = np.clip(np.atleast_1d(np.asarray(z, dtype=float)), self.z_um[0], self.z_um[-1])
+        gap = 1.6 * self.step_um
+        val = _interp_columns(zq, self.z_um, self.log_signal, gap)
+        w = _interp_columns(zq, self.z_um, self.signal_weight, gap)
+        lim = _interp_columns(zq, self.z_um, self._bounds(), np.inf)
+        # a bin detected on one side of the interval only: use the nearer frame's state
+        j = np.clip(np.searchsorted(self.z_um, zq) - 1, 0, len(self.z_um) - 2)
+        near = np.where(zq - self.z_um[j] <= self.z_um[j + 1] - zq, j, j + 1)
+        nv = self.log_signal[near]
+        fill = ~np.isfinite(val) & np.isfinite(nv)
+        val[fill] = nv[fill]
+        w[fill] = self.signal_weight[near][fill]
+        w = np.where(np.isfinite(val), np.nan_to_num(w), 0.0)
+        return val, w, lim
+
+    def _bounds(self) -> NDArray[np.float64]:
+        """Upper bounds of ``log(P - N)`` where the stack did not detect a bin.
+
+        The frame's detection limit, tightened by the decay of any defocus transfer
+        function's envelope beyond the last detected defocus: at least ``r^-3`` in power
+        for a blur radius ``r`` (the geometric defocus OTF falls as ``(k r)^-3/2`` in
+        amplitude; a Gaussian blur falls faster), with ``r(z)`` from the Moffat fit.
+        """
+        cached = getattr(self, "_bounds_cache", None)
+        if cached is not None:
+            return cached
+        z, T = self.z_um, self.log_signal
+        lim = np.repeat(self.detection_limit[:, None], T.shape[1], axis=1)
+        alpha = float(self.moffat_params.get("alpha", np.nan))
+        if np.isfinite(alpha) and alpha > 0:
+            r2 = alpha * alpha + z * z
+            centre = int(np.argmin(np.abs(z)))
+            for k in range(T.shape[1]):
+                for rng_ in (range(centre, len(z)), range(centre, -1, -1)):
+                    last = None
+                    for j in rng_:
+                        if np.isfinite(T[j, k]):
+                            last = j
+                        elif last is not None:
+                            env = T[last, k] - 1.5 * np.log(r2[j] / r2[last])
+                            lim[j, k] = min(lim[j, k], env)
+        lim = np.where(np.isfinite(T), T, lim)
+        self._bounds_cache = lim
+        return lim
+
+    # ---------------------------------------------------------------- persistence
+    def to_dict(self) -> dict[str, Any]:
+        def arr(a: NDArray) -> list:
+            return [None if not np.isfinite(v) else float(v) for v in np.ravel(a)]
+
+        return {
+            "format": FORMAT,
+            "z_um": arr(self.z_um),
+            "blur": arr(self.blur),
+            "log_signal": arr(self.log_signal),
+            "signal_weight": arr(self.signal_weight),
+            "detection_limit": arr(self.detection_limit),
+            "shape": list(self.log_signal.shape),
+            "edges": arr(EDGES),
+            "objective": self.objective,
+            "pixel_size_um": self.pixel_size_um,
+            "dof_um": self.dof_um,
+            "model_id": self.model_id,
+            "model_sha256": self.model_sha256,
+            "scorer": self.scorer,
+            "moffat_params": self.moffat_params,
+            "moffat_r2": self.moffat_r2,
+            "focus_um": self.focus_um,
+            "center_method": self.center_method,
+            "quality": self.quality,
+            "uid": self.uid,
+            "created": self.created,
+            "metadata": self.metadata,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Calibration:
+        """Rebuild from :meth:`to_dict` output; refuses anything malformed."""
+        try:
+            if d.get("format") != FORMAT:
+                raise CalibrationError(
+                    f"Not a calibration (format {d.get('format')!r}, expected {FORMAT!r})."
+                )
+            shape = tuple(int(v) for v in d["shape"])
+
+            def arr(v: Any, shp: tuple[int, ...] | None = None) -> NDArray[np.float64]:
+                a = np.array([np.nan if x is None else float(x) for x in v], dtype=float)
+                return a.reshape(shp) if shp else a
+
+            edges = arr(d["edges"])
+            if len(edges) != len(EDGES) or not np.allclose(edges, EDGES):
+                raise CalibrationError(
+                    "The calibration was made with other spectral bins than this version uses; "
+                    "recalibrate."
+                )
+            z = arr(d["z_um"])
+            cal = cls(
+                z_um=z,
+                blur=arr(d["blur"]),
+                log_signal=arr(d["log_signal"], shape),
+                signal_weight=arr(d["signal_weight"], shape),
+                detection_limit=arr(d["detection_limit"]),
+                objective=str(d["objective"]),
+                pixel_size_um=float(d["pixel_size_um"]),
+                dof_um=float(d["dof_um"]),
+                model_id=str(d["model_id"]),
+                model_sha256=str(d.get("model_sha256", "")),
+                scorer=str(d.get("scorer", "deepfocus")),
+                moffat_params={k: float(v) for k, v in dict(d.get("moffat_params", {})).items()},
+                moffat_r2=float(d.get("moffat_r2", float("nan"))),
+                focus_um=float(d.get("focus_um", float("nan"))),
+                center_method=str(d.get("center_method", "")),
+                quality={k: float(v) for k, v in dict(d.get("quality", {})).items()},
+                uid=d.get("uid"),
+                created=float(d.get("created", 0.0)),
+                metadata=dict(d.get("metadata", {})),
+            )
+        except CalibrationError:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CalibrationError(
+                f"Calibration data is corrupted or truncated ({type(exc).__name__}: {exc}); "
+                "recalibrate or load another calibration."
+            ) from exc
+        if len(cal.z_um) != len(cal.blur) or cal.log_signal.shape[0] != len(cal.z_um):
+            raise CalibrationError("Calibration arrays have inconsistent lengths; recalibrate.")
+        if len(cal.z_um) < 2 or np.any(np.diff(cal.z_um) <= 0):
+            raise CalibrationError("Calibration z axis is not increasing; recalibrate.")
+        return cal
+
+    def save(self, path: str | Path) -> Path:
+        p = Path(path)
+        p.write_text(json.dumps(self.to_dict()))
+        return p
+
+    @classmethod
+    def load(cls, path: str | Path) -> Calibration:
+        p = Path(path)
+        try:
+            d = json.loads(p.read_text())
+        except FileNotFoundError:
+            raise CalibrationError(
+                f"Calibration file {str(p)!r} does not exist; run calibration_plan first."
+            ) from None
+        except (OSError, ValueError) as exc:
+            raise CalibrationError(
+                f"Calibration file {str(p)!r} is not valid JSON ({exc}); it is corrupted or "
+                "truncated. Recalibrate."
+            ) from exc
+        return cls.from_dict(d)
+
+    @classmethod
+    def from_run(cls, run: Any) -> Calibration:
+        """Rebuild the calibration stored by ``calibration_plan`` in a catalog run."""
+        from .schema import CALIBRATION_STREAM
+
+        try:
+            stream = run[CALIBRATION_STREAM]
+        except KeyError:
+            raise CalibrationError(
+                f"Run {getattr(run, 'metadata', {}).get('start', {}).get('uid', '?')!r} has no "
+                f"{CALIBRATION_STREAM!r} stream: it is not a calibration run."
+            ) from None
+        data = stream.read() if hasattr(stream, "read") else stream
+        raw = data["calibration"]
+        value = raw[0] if not isinstance(raw, str) else raw
+        if hasattr(value, "item"):
+            value = value.item()
+        try:
+            d = json.loads(value)
+        except (TypeError, ValueError) as exc:
+            raise CalibrationError(f"Stored calibration is not valid JSON ({exc}).") from exc
+        return cls.from_dict(d)
+
+    def summary(self) -> str:
+        return (
+            f"Calibration {self.objective} ({self.pixel_size_um:.3f} um/px): focus at stage "
+            f"{self.focus_um:.2f} um ({self.center_method}), FWHM {self.fwhm_um:.2f} um, "
+            f"Moffat R^2 {self.moffat_r2:.3f}, {len(self.z_um)} frames, model {self.model_id}"
+        )
+
+
+def _symmetric_center(
+    z: NDArray[np.float64], logs: NDArray[np.float64], weights: NDArray[np.float64], guess: float, step: float
+) -> tuple[float, float]:
+    """Position about which the stack's log spectra are most symmetric (weighted RMS)."""
+    span = min(guess - z[0], z[-1] - guess)
+    if span < 2 * step:
+        return float("nan"), float("nan")
+    u = np.arange(step, span, step / 2)
+
+    def cost(c: float) -> float:
+        a = _interp_columns(c + u, z, logs, 1.6 * step)
+        b = _interp_columns(c - u, z, logs, 1.6 * step)
+        wa = _interp_columns(c + u, z, weights, 1.6 * step)
+        wb = _interp_columns(c - u, z, weights, 1.6 * step)
+        ok = np.isfinite(a) & np.isfinite(b)
+        if ok.sum() < 10:
+            return float("inf")
+        w = (1.0 / (1.0 / np.maximum(wa, 1e-9) + 1.0 / np.maximum(wb, 1e-9) + 0.01))[ok]
+        return float(np.sqrt(np.sum(w * (a - b)[ok] ** 2) / np.sum(w)))
+
+    grid = guess + np.arange(-3 * step, 3 * step + 1e-9, step / 4)
+    costs = np.array([cost(c) for c in grid])
+    if not np.any(np.isfinite(costs)):
+        return float("nan"), float("nan")
+    c0 = float(grid[int(np.nanargmin(costs))])
+    res = optimize.minimize_scalar(cost, bounds=(c0 - step / 4, c0 + step / 4), method="bounded", options={"xatol": step / 200})
+    return float(res.x), float(res.fun)

@@ -1,0 +1,198 @@
+"""DeepFocusScorer: the CNN blur score of a frame, as a map, a robust ROI score and a
+Bluesky callback.
+
+The score of a patch is ``ln r``, the natural log of the blur radius in camera pixels
+(see :mod:`.model`). A 128 px patch cannot measure a blur much wider than itself, so the
+frame is also seen through a pyramid of 2x2 block averages (exactly a camera with
+2, 4, 8 times larger pixels, which the network was trained on): a level measures
+``ln r_s`` and contributes ``ln r_s + ln s``. Each fine patch fuses the levels that
+resolve its blur (a level's estimate counts only between 1.5 and 30 of its own pixels,
+with soft edges), weighted by the network's confidence and predicted spread. Coarser
+levels are only computed where the finer one sees a large blur, so a frame near focus
+costs one network pass per patch.
+
+References
+----------
+Shajkofci, A. & Liebling, M. "DeepFocus: a few-shot microscope slide auto-focus using a
+sample invariant CNN-based sharpness function", ICIP 2020, doi:10.1109/ICIP40778.2020.9190969
+(arXiv:2001.00667); Shajkofci & Liebling, "Spatially-variant CNN-based point spread
+function estimation for blind deconvolution and depth estimation in optical
+microscopy", IEEE TIP 2020 (arXiv:1904.07282).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import ArrayLike, NDArray
+
+from .model import PATCH, DeepFocusNet, load_model, prepare_patches
+from .scoring import ROI, FocusFunction, ScoreResult, check_image, crop_roi, patch_grid, to_patches
+
+__all__ = ["DeepFocusScorer"]
+
+_LO = math.log(1.5)  # below this many pixels a coarse level only gives an upper bound
+_HI = math.log(30.0)  # above this a 128 px patch no longer holds the blur
+_EDGE = 0.15
+
+
+def _sigmoid(x: NDArray[np.float64]) -> NDArray[np.float64]:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _block_mean(img: NDArray[np.float32], s: int) -> NDArray[np.float32]:
+    h, w = (img.shape[0] // s) * s, (img.shape[1] // s) * s
+    return img[:h, :w].reshape(h // s, s, w // s, s).mean(axis=(1, 3), dtype=np.float32)
+
+
+class DeepFocusScorer(FocusFunction):
+    """CNN blur score (``ln`` blur radius in pixels; lower is sharper).
+
+    Parameters
+    ----------
+    weights
+        Path of a weights file (default: the shipped weights, or ``BLUESKY_DEEPFOCUS_WEIGHTS``).
+    device
+        ``"cpu"``, ``"cuda"`` or a torch device; ``"auto"`` picks CUDA when available.
+    max_level
+        Coarsest pyramid level ``2**max_level`` (default 3: blocks of 8x8 pixels).
+    batch_size
+        Patches per network call.
+    min_confidence
+        Patches below this confidence do not enter the ROI score.
+    image_key, position_key
+        As for :class:`~.scoring.FocusFunction` when used as a Bluesky callback.
+
+    Examples
+    --------
+    >>> from bluesky_deepfocus import DeepFocusScorer
+    >>> from bluesky_deepfocus.optics import get_objective, objective_psf, blur
+    >>> from bluesky_deepfocus.specimens import make_specimen
+    >>> obj = get_objective("10x/0.3")
+    >>> spec = make_specimen("tissue", 256 + 96, obj.pixel_size_um, seed=0)
+    >>> sharp = blur(spec, objective_psf(obj, 0.0, size=97)) * 2000
+    >>> blurred = blur(spec, objective_psf(obj, 40.0, size=97)) * 2000
+    >>> scorer = DeepFocusScorer()
+    >>> scorer.score(sharp).score < scorer.score(blurred).score
+    True
+    """
+
+    name = "deepfocus"
+    higher_is_sharper = False
+
+    def __init__(
+        self,
+        weights: str | os.PathLike[str] | None = None,
+        device: str | torch.device = "cpu",
+        *,
+        max_level: int = 3,
+        batch_size: int = 128,
+        min_confidence: float = 0.5,
+        image_key: str | None = None,
+        position_key: str | None = None,
+        saturation: float | None = None,
+    ) -> None:
+        super().__init__(
+            patch_size=PATCH, image_key=image_key, position_key=position_key, saturation=saturation
+        )
+        if str(device) == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.model: DeepFocusNet
+        self.model, self.card = load_model(weights, device=self.device)
+        self.weights_path = str(Path(weights) if weights else "")
+        self.max_level = int(max_level)
+        self.batch_size = int(batch_size)
+        self.min_confidence = float(min_confidence)
+
+    @property
+    def model_id(self) -> str:
+        return str(self.card.get("model_id", "unknown"))
+
+    @property
+    def model_sha256(self) -> str:
+        return str(self.card.get("sha256", ""))
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "model_id": self.model_id,
+            "model_sha256": self.model_sha256,
+            "max_level": self.max_level,
+            "units": "ln(blur radius in pixels)",
+        }
+
+    @torch.inference_mode()
+    def _run(self, patches: NDArray[np.float32]) -> NDArray[np.float32]:
+        outs = []
+        for k in range(0, len(patches), self.batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(patches[k : k + self.batch_size]))
+            outs.append(self.model(prepare_patches(x).to(self.device)).float().cpu().numpy())
+        return np.concatenate(outs) if outs else np.zeros((0, 3), np.float32)
+
+    def predict_patches(self, patches: ArrayLike) -> dict[str, NDArray[np.float64]]:
+        """Raw network output for ``(N, 128, 128)`` patches: ``ln_r``, ``sigma``, ``p_info``."""
+        p = np.asarray(patches, dtype=np.float32)
+        if p.ndim != 3 or p.shape[1:] != (PATCH, PATCH):
+            raise ValueError(f"patches must be (N, {PATCH}, {PATCH}), got {p.shape!r}.")
+        out = self._run(p).astype(np.float64)
+        return {
+            "ln_r": out[:, 0],
+            "sigma": np.exp(np.clip(out[:, 1], -5, 3)),
+            "p_info": _sigmoid(out[:, 2]),
+        }
+
+    def score(self, image: ArrayLike, roi: ROI | None = None) -> ScoreResult:
+        img = check_image(image, PATCH)
+        sat = self._saturation_level(image)
+        img, (oy, ox) = crop_roi(img, roi, PATCH)
+        fine, (rows, cols, y0, x0) = to_patches(img, PATCH)
+        sat_frac = self._saturated_fraction(fine, sat)
+        out = self.predict_patches(fine)
+        mu = out["ln_r"]
+        # fused estimate: sum of w * ln r and sum of w, per fine patch
+        w0 = out["p_info"] * _sigmoid((_HI - mu) / _EDGE) / out["sigma"] ** 2
+        num = w0 * mu
+        den = w0.copy()
+        conf = out["p_info"] * np.where(mu < _HI, 1.0, _sigmoid((_HI - mu) / _EDGE))
+        need = mu > math.log(8.0)
+        level_counts = [len(fine)]
+        # centre of each fine patch in crop coordinates
+        cy = (y0 + (np.arange(rows) + 0.5) * PATCH)[:, None].repeat(cols, 1).ravel()
+        cx = (x0 + (np.arange(cols) + 0.5) * PATCH)[None, :].repeat(rows, 0).ravel()
+        for level in range(1, self.max_level + 1):
+            if not np.any(need):
+                break
+            s = 2**level
+            small = _block_mean(img, s)
+            if min(small.shape) < PATCH:
+                break
+            prow, pcol, py0, px0 = patch_grid(small.shape, PATCH)  # type: ignore[arg-type]
+            # which coarse patch covers each fine patch centre
+            i = np.clip(((cy / s - py0) // PATCH).astype(int), 0, prow - 1)
+            j = np.clip(((cx / s - px0) // PATCH).astype(int), 0, pcol - 1)
+            wanted = np.unique((i * pcol + j)[need])
+            coarse, _ = to_patches(small, PATCH)
+            res = self.predict_patches(coarse[wanted])
+            level_counts.append(len(wanted))
+            lut = -np.ones(prow * pcol, dtype=int)
+            lut[wanted] = np.arange(len(wanted))
+            k = lut[i * pcol + j]
+            use = need & (k >= 0)
+            ks = k[use]
+            mu_s = res["ln_r"][ks]
+            gate = _sigmoid((mu_s - _LO) / _EDGE) * _sigmoid((_HI - mu_s) / _EDGE)
+            w = res["p_info"][ks] * gate / res["sigma"][ks] ** 2
+            num[use] += w * (mu_s + math.log(s))
+            den[use] += w
+            conf[use] = np.maximum(conf[use], res["p_info"][ks] * gate)
+            need = need & (k >= 0) & (res["ln_r"][np.maximum(k, 0)] > math.log(8.0))
+        values = np.where(den > 0, num / np.maximum(den, 1e-12), np.nan)
+        conf = np.where(np.isfinite(values), conf, 0.0)
+        conf[sat_frac > self.max_saturated_fraction] = 0.0
+        return self._result(values, conf, rows, cols, (oy + y0, ox + x0), levels=level_counts)

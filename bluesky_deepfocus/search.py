@@ -1,0 +1,773 @@
+"""Where autofocus decides the next z: pure ask/tell search strategies (no hardware).
+
+Every strategy is driven the same way::
+
+    search = DeepFocusSearch(calibration, start=z0, lo=..., hi=...)
+    while (z := search.ask()) is not None:
+        search.tell(measure(z))        # an Observation at z
+    result = search.result()
+
+and never proposes a position outside ``[lo, hi]`` (the plan passes the stage limits
+intersected with ``start +/- max_travel``) nor more than ``max_images`` positions.
+
+Strategies
+----------
+:class:`PaperSearch`
+    The DeepFocus paper (Shajkofci & Liebling, ICIP 2020, Sec. 2.2): images at z1 and
+    z1 -/+ 2 FWHM of the calibration curve, golden-section steps until the (z, b) triplet
+    is convex (a quadratic with a minimum inside the bracket fits better than a line),
+    then the shift minimizing ``sum_i (b_i - b_calib(z_i - dz))^2`` for every patch of
+    the blur map, averaged over the ROI. Raw CNN scores are matched to a curve measured
+    on another specimen, so a specimen that scores differently (smooth nuclei in focus
+    look "blurrier" than texture) shifts the answer.
+:class:`DeepFocusSearch` (ours)
+    A posterior over the focus position from *relative* information, in which the
+    specimen cancels: the frames' radially binned ``log(P - N)`` spectra are matched to
+    the calibration's with a free constant per spatial frequency (the specimen's own
+    spectrum) and per frame (exposure), and the CNN scores with a free offset (the
+    specimen's own raw score level). Images are placed where they inform most: a first
+    step sized by the single-image estimate, then pairs straddling the current estimate
+    at ~0.7 DOF (where the transfer function changes fastest with z, and where a
+    symmetric pair cancels the specimen exactly), stopping as soon as the posterior
+    spread is below the tolerance.
+:class:`BrentSearch`
+    Bounded Brent minimization of a classic focus function (the paper's baseline).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from .calibration import Calibration
+from .spectral import EDGES, Spectrum
+
+__all__ = [
+    "BrentSearch",
+    "DeepFocusSearch",
+    "Observation",
+    "PaperSearch",
+    "Search",
+    "SearchResult",
+    "make_search",
+]
+
+GOLDEN = (3 - math.sqrt(5)) / 2  # 0.381966
+
+
+@dataclass
+class Observation:
+    """What one image at stage position ``z`` told us.
+
+    Attributes
+    ----------
+    z
+        Stage position (um).
+    blur
+        ROI score of the DeepFocus CNN (ln blur radius; NaN when uninformative), or of
+        whatever focus function a strategy uses (``sharpness`` for Brent).
+    blur_map, confidence
+        Per-patch CNN scores and confidences (optional).
+    spectrum
+        ROI power spectrum (:func:`.spectral.frame_spectrum`), optional.
+    patch_spectra
+        Per-patch spectra on the same grid as ``blur_map`` (optional; for focus maps).
+    sharpness
+        A classic focus value (higher is sharper); used by :class:`BrentSearch`.
+    """
+
+    z: float
+    blur: float = float("nan")
+    blur_map: NDArray[np.float64] | None = None
+    confidence: NDArray[np.float64] | None = None
+    spectrum: Spectrum | None = None
+    patch_spectra: list[list[Spectrum]] | None = None
+    sharpness: float = float("nan")
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """Outcome of a search.
+
+    ``z_focus`` is the absolute estimated focus, ``dz = z_focus - start``; ``sigma_um``
+    the posterior spread; ``focus_map`` the per-patch focus positions (absolute, NaN
+    where a patch holds no information) when maps were given.
+    """
+
+    z_focus: float
+    dz: float
+    sigma_um: float
+    residual: float
+    confidence: float
+    converged: bool
+    reason: str
+    images: int
+    focus_map: NDArray[np.float64] | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class Search(ABC):
+    """Base class: bounds, image budget and the observations told so far."""
+
+    name = "search"
+
+    def __init__(self, *, start: float, lo: float, hi: float, min_images: int = 3, max_images: int = 8) -> None:
+        if not (np.isfinite(start) and np.isfinite(lo) and np.isfinite(hi)):
+            raise ValueError(f"start/lo/hi must be finite, got {start!r}, {lo!r}, {hi!r}.")
+        if not lo <= start <= hi:
+            raise ValueError(f"start {start!r} is outside the search bounds [{lo!r}, {hi!r}].")
+        if not 1 <= min_images <= max_images:
+            raise ValueError(
+                f"Need 1 <= min_images <= max_images, got min_images={min_images!r}, "
+                f"max_images={max_images!r}."
+            )
+        self.start, self.lo, self.hi = float(start), float(lo), float(hi)
+        self.min_images, self.max_images = int(min_images), int(max_images)
+        self.observations: list[Observation] = []
+        self._pending: float | None = None
+
+    def clip(self, z: float) -> float:
+        return float(min(self.hi, max(self.lo, z)))
+
+    @property
+    def n(self) -> int:
+        return len(self.observations)
+
+    def ask(self) -> float | None:
+        """Next stage position to image, or None when done (never outside [lo, hi])."""
+        if self._pending is not None:
+            return self._pending
+        if self.n >= self.max_images:
+            return None
+        z = self._propose()
+        if z is None:
+            return None
+        z = self.clip(z)
+        self._pending = z
+        return z
+
+    def tell(self, obs: Observation) -> None:
+        """Record the observation of the position last asked (or any position)."""
+        self._pending = None
+        self.observations.append(obs)
+        self._update(obs)
+
+    @property
+    def done(self) -> bool:
+        return self.ask() is None
+
+    @abstractmethod
+    def _propose(self) -> float | None: ...
+
+    def _update(self, obs: Observation) -> None:  # noqa: B027 - optional hook
+        pass
+
+    @abstractmethod
+    def result(self) -> SearchResult: ...
+
+    def settings(self) -> dict[str, Any]:
+        return {"name": self.name, "min_images": self.min_images, "max_images": self.max_images, "lo": self.lo, "hi": self.hi}
+
+
+class _GeneratorSearch(Search):
+    """Ask/tell over a generator ``algorithm()`` that yields positions and receives values."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self._gen: Generator[float, float, None] | None = None
+        self._next: float | None = None
+        self._finished = False
+
+    @abstractmethod
+    def _value(self, obs: Observation) -> float: ...
+
+    @abstractmethod
+    def algorithm(self) -> Generator[float, float, None]: ...
+
+    def _propose(self) -> float | None:
+        if self._finished:
+            return None
+        if self._gen is None:
+            self._gen = self.algorithm()
+            try:
+                self._next = next(self._gen)
+            except StopIteration:
+                self._finished = True
+                return None
+        return self._next
+
+    def _update(self, obs: Observation) -> None:
+        if self._gen is None:
+            self._gen = self.algorithm()
+            next(self._gen)
+        try:
+            self._next = self._gen.send(self._value(obs))
+        except StopIteration:
+            self._finished = True
+            self._next = None
+
+
+# ======================================================================================
+# Classic baseline: bounded Brent
+# ======================================================================================
+class BrentSearch(_GeneratorSearch):
+    """Bounded Brent minimization of ``-sharpness`` (Brent 1973; as scipy's ``fminbound``).
+
+    Stops when the bracket is below ``xtol`` (um) and ``min_images`` are used, or at
+    ``max_images``; the result is the best position imaged.
+    """
+
+    name = "brent"
+
+    def __init__(self, *, start: float, lo: float, hi: float, xtol: float = 0.1, min_images: int = 3, max_images: int = 20) -> None:
+        super().__init__(start=start, lo=lo, hi=hi, min_images=min_images, max_images=max_images)
+        self.xtol = float(xtol)
+
+    def _value(self, obs: Observation) -> float:
+        return -obs.sharpness if np.isfinite(obs.sharpness) else float("inf")
+
+    def algorithm(self) -> Generator[float, float, None]:
+        a, b = self.lo, self.hi
+        x = w = v = a + GOLDEN * (b - a)
+        fx = yield x
+        fw = fv = fx
+        d = e = 0.0
+        while True:
+            m = 0.5 * (a + b)
+            tol1 = 1e-9 * abs(x) + self.xtol / 3
+            tol2 = 2 * tol1
+            if abs(x - m) <= tol2 - 0.5 * (b - a) and self.n >= self.min_images:
+                return
+            use_golden = True
+            if abs(e) > tol1:
+                r = (x - w) * (fx - fv)
+                q = (x - v) * (fx - fw)
+                p = (x - v) * q - (x - w) * r
+                q = 2 * (q - r)
+                if q > 0:
+                    p = -p
+                q = abs(q)
+                if abs(p) < abs(0.5 * q * e) and q * (a - x) < p < q * (b - x):
+                    e, d = d, p / q
+                    u = x + d
+                    if (u - a) < tol2 or (b - u) < tol2:
+                        d = tol1 if x < m else -tol1
+                    use_golden = False
+            if use_golden:
+                e = (b - x) if x < m else (a - x)
+                d = GOLDEN * e
+            u = x + (d if abs(d) >= tol1 else (tol1 if d > 0 else -tol1))
+            fu = yield u
+            if fu <= fx:
+                if u >= x:
+                    a = x
+                else:
+                    b = x
+                v, fv, w, fw, x, fx = w, fw, x, fx, u, fu
+            else:
+                if u < x:
+                    a = u
+                else:
+                    b = u
+                if fu <= fw or w == x:
+                    v, fv, w, fw = w, fw, u, fu
+                elif fu <= fv or v in (x, w):
+                    v, fv = u, fu
+
+    def result(self) -> SearchResult:
+        vals = [(-o.sharpness if np.isfinite(o.sharpness) else np.inf, o.z) for o in self.observations]
+        if not vals or not np.isfinite(min(vals)[0]):
+            return SearchResult(
+                self.start, 0.0, float("nan"), float("nan"), 0.0, False,
+                "no image held focus information", self.n,
+            )
+        best = min(vals)[1]
+        zs = sorted(o.z for o in self.observations)
+        spread = float(np.min(np.abs(np.diff(zs)))) if len(zs) > 1 else float("nan")
+        converged = self._finished
+        return SearchResult(
+            z_focus=best,
+            dz=best - self.start,
+            sigma_um=spread,
+            residual=float("nan"),
+            confidence=1.0 if converged else 0.5,
+            converged=converged,
+            reason="bracket below xtol" if converged else f"image budget ({self.max_images}) used",
+            images=self.n,
+        )
+
+
+# ======================================================================================
+# Shared: matching CNN scores against the calibration curve
+# ======================================================================================
+def _match_raw(cal: Calibration, z: NDArray, b: NDArray, grid: NDArray) -> tuple[float, float]:
+    """argmin_f sum_i (b_i - b_calib(z_i - f))^2 on a grid + parabolic refinement."""
+    lo_c, hi_c = cal.z_range
+    ok = np.isfinite(b)
+    if ok.sum() == 0:
+        return float("nan"), float("nan")
+    zz, bb = z[ok], b[ok]
+    d = np.clip(zz[None, :] - grid[:, None], lo_c, hi_c)
+    pred = cal.b_calib(d.ravel()).reshape(d.shape)
+    sse = np.nansum((bb[None, :] - pred) ** 2, axis=1)
+    i = int(np.argmin(sse))
+    f = float(grid[i])
+    if 0 < i < len(grid) - 1:
+        y0, y1, y2 = sse[i - 1], sse[i], sse[i + 1]
+        den = y0 - 2 * y1 + y2
+        if den > 0:
+            f += 0.5 * (y0 - y2) / den * float(grid[1] - grid[0])
+    return f, float(math.sqrt(sse[i] / max(1, ok.sum())))
+
+
+def _quad_beats_linear(z: NDArray, b: NDArray) -> bool:
+    """Paper step 2, made meaningful: a convex quadratic with its vertex inside the
+    bracket explains (z, b) better than a line (adjusted R^2 when n >= 4)."""
+    ok = np.isfinite(b)
+    z, b = z[ok], b[ok]
+    if len(z) < 3:
+        return False
+    ss = float(((b - b.mean()) ** 2).sum()) or 1e-12
+    qa = np.polyfit(z, b, 2)
+    la = np.polyfit(z, b, 1)
+    r2q = 1 - float(((b - np.polyval(qa, z)) ** 2).sum()) / ss
+    r2l = 1 - float(((b - np.polyval(la, z)) ** 2).sum()) / ss
+    n = len(z)
+    if n >= 4:
+        r2q = 1 - (1 - r2q) * (n - 1) / (n - 3)
+        r2l = 1 - (1 - r2l) * (n - 1) / (n - 2)
+    vertex = -qa[1] / (2 * qa[0]) if qa[0] != 0 else np.inf
+    return bool(qa[0] > 0 and z.min() <= vertex <= z.max() and r2q > r2l)
+
+
+class PaperSearch(Search):
+    """The DeepFocus paper's algorithm (see module docstring); ``min_images == max_images``
+    reproduces the fixed-budget comparison of its Fig. 4."""
+
+    name = "paper"
+
+    def __init__(self, calibration: Calibration, *, start: float, lo: float, hi: float, min_images: int = 3, max_images: int = 8) -> None:
+        super().__init__(start=start, lo=lo, hi=hi, min_images=min_images, max_images=max_images)
+        self.cal = calibration
+        self.step = 2 * calibration.fwhm_um
+        self._matched = False
+
+    def _arrays(self) -> tuple[NDArray, NDArray]:
+        z = np.array([o.z for o in self.observations])
+        b = np.array([o.blur for o in self.observations])
+        return z, b
+
+    def _propose(self) -> float | None:
+        n = self.n
+        if n == 0:
+            return self.start
+        if n == 1:
+            return self.start - self.step
+        if n == 2:
+            return self.start + self.step
+        z, b = self._arrays()
+        if _quad_beats_linear(z, b) and n >= self.min_images:
+            return None
+        ok = np.isfinite(b)
+        if ok.sum() < 2:
+            return None
+        order = np.argsort(z[ok])
+        zs, bs = z[ok][order], b[ok][order]
+        i = int(np.argmin(bs))
+        if i == 0:  # minimum at the low end: expand the bracket downwards (golden ratio)
+            return zs[0] - (1 + GOLDEN) * (zs[1] - zs[0])
+        if i == len(zs) - 1:
+            return zs[-1] + (1 + GOLDEN) * (zs[-1] - zs[-2])
+        # golden-section step inside the bracket around the minimum
+        left, right = zs[i] - zs[i - 1], zs[i + 1] - zs[i]
+        if right > left:
+            return zs[i] + GOLDEN * right
+        return zs[i] - GOLDEN * left
+
+    def _grid(self) -> NDArray:
+        step = max(self.cal.dof_um / 40, 0.02)
+        lo_c, hi_c = self.cal.z_range
+        zs = [o.z for o in self.observations]
+        lo = max(self.lo, min(zs) - hi_c)
+        hi = min(self.hi, max(zs) - lo_c)
+        return np.arange(lo, hi + step / 2, step) if hi > lo else np.array([self.start])
+
+    def result(self) -> SearchResult:
+        z, b = self._arrays()
+        if np.sum(np.isfinite(b)) == 0:
+            return SearchResult(self.start, 0.0, float("nan"), float("nan"), 0.0, False, "no image held focus information", self.n)
+        grid = self._grid()
+        f, rms = _match_raw(self.cal, z, b, grid)
+        fmap = None
+        maps = [o.blur_map for o in self.observations]
+        if all(m is not None for m in maps) and maps:
+            stack = np.stack([np.asarray(m, dtype=float) for m in maps])  # (n, rows, cols)
+            fmap = np.full(stack.shape[1:], np.nan)
+            for idx in np.ndindex(*stack.shape[1:]):
+                bi = stack[(slice(None), *idx)]
+                if np.sum(np.isfinite(bi)) >= 2:
+                    fmap[idx] = _match_raw(self.cal, z, bi, grid)[0]
+            if np.any(np.isfinite(fmap)):
+                f = float(np.nanmean(fmap))  # the paper averages dz over the ROI
+        convex = _quad_beats_linear(z, b)
+        return SearchResult(
+            z_focus=f,
+            dz=f - self.start,
+            sigma_um=float("nan"),
+            residual=rms,
+            confidence=1.0 if convex else 0.5,
+            converged=convex,
+            reason="convex triplet matched to calibration" if convex else "matched without a convex bracket",
+            images=self.n,
+            focus_map=fmap,
+        )
+
+
+# ======================================================================================
+# Ours: posterior from specimen-cancelling spectra + CNN scores with a free offset
+# ======================================================================================
+@dataclass(frozen=True)
+class DeepFocusSettings:
+    """Tuning of :class:`DeepFocusSearch` (recorded in the run's metadata)."""
+
+    tol_dof: float = 0.02  # stop when the posterior sd is below this (DOF)
+    converged_dof: float = 0.1  # call it converged below this (DOF)
+    straddle_dof: float = 0.7  # refinement images at estimate +/- this (DOF)
+    first_step_min_dof: float = 1.0
+    cnn_sigma: float = 0.12  # sd of one image's ROI score about its specimen curve (ln r)
+    cnn_offset_sigma: float = 0.35  # prior sd of the specimen's raw score offset (ln r)
+    spec_model_sigma: float = 0.15  # model floor of a spectral bin (log power)
+    exposure_sigma: float = 0.2  # prior sd of per-image brightness changes (log power)
+    spec_curvature: float = 20.0  # the specimen/calibration spectrum ratio is smooth...
+    spec_slope: float = 1.0  # ...and not steep (two specimens' power laws differ mildly)
+    grid_dof: float = 0.02  # posterior grid step (DOF)
+    use_spectra: bool = True
+    use_cnn: bool = True
+    verify: bool = True  # end with an image at the estimate when the budget allows
+
+
+class DeepFocusSearch(Search):
+    """Our search (see module docstring). ``prior=(z, sd)`` warm-starts it (timelapse)."""
+
+    name = "deepfocus"
+
+    def __init__(
+        self,
+        calibration: Calibration,
+        *,
+        start: float,
+        lo: float,
+        hi: float,
+        min_images: int = 2,
+        max_images: int = 8,
+        settings: DeepFocusSettings | None = None,
+        prior: tuple[float, float] | None = None,
+    ) -> None:
+        super().__init__(start=start, lo=lo, hi=hi, min_images=min_images, max_images=max_images)
+        self.cal = calibration
+        self.s = settings or DeepFocusSettings()
+        self.prior = prior
+        self.dof = calibration.dof_um
+        lo_c, hi_c = calibration.z_range
+        step = max(self.s.grid_dof * self.dof, 0.01)
+        # focus candidates: reachable positions only (an unreachable focus is a failure anyway)
+        self.grid = np.arange(self.lo, self.hi + step / 2, step)
+        self._post: tuple[float, float, NDArray, NDArray] | None = None
+        self._verified = False
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), **self.s.__dict__, "prior": self.prior}
+
+    # ------------------------------------------------------------------ likelihood
+    def _cnn_cost(self, zs: NDArray, bs: NDArray, grid: NDArray) -> NDArray:
+        ok = np.isfinite(bs)
+        if not self.s.use_cnn or ok.sum() == 0:
+            return np.zeros(len(grid))
+        lo_c, hi_c = self.cal.z_range
+        d = np.clip(zs[ok][None, :] - grid[:, None], lo_c, hi_c)
+        pred = self.cal.b_calib(d.ravel()).reshape(d.shape)
+        resid = bs[ok][None, :] - pred
+        # profile the specimen's offset beta with prior N(0, s_beta^2)
+        sb2, s2 = self.s.cnn_offset_sigma**2, self.s.cnn_sigma**2
+        n = ok.sum()
+        beta = resid.sum(axis=1) / (n + s2 / sb2)
+        r = resid - beta[:, None]
+        return (r**2).sum(axis=1) / s2 + beta**2 / sb2
+
+    def _spec_cost(self, zs: NDArray, specs: list[Spectrum | None], grid: NDArray) -> tuple[NDArray, NDArray]:
+        """Chi^2 of the frames' spectra against the calibration table, and its dof.
+
+        For a focus candidate f the table predicts ``log(P - N)`` of frame i at bin k up to
+        ``c_k + d_i``: the specimen-to-calibration spectrum ratio (a smooth function of
+        log frequency) and the frame's exposure. Entries where frame and table both detect
+        signal are fitted; where only one side detects, the other side's detection limit
+        is a bound (a frame showing detail the table says is blurred away at that
+        defocus, or the reverse, is penalized). Both nuisances are solved in closed form
+        (a few active-set iterations), vectorized over candidates.
+        """
+        use = [i for i, s in enumerate(specs) if s is not None]
+        if not self.s.use_spectra or len(use) < 2:
+            return np.zeros(len(grid)), np.zeros(len(grid))
+        obs = [specs[i].log_signal() for i in use]  # type: ignore[union-attr]
+        L = np.stack([o[0] for o in obs])  # (N, K) NaN = undetected
+        W = np.stack([o[1] for o in obs])
+        Lub = np.array([specs[i].detection_limit() for i in use])[:, None] + 0 * L  # type: ignore[union-attr]
+        present = np.stack([specs[i].counts > 0 for i in use])  # type: ignore[union-attr]
+        z = zs[use]
+        F, N, K = len(grid), len(use), L.shape[1]
+        T, WT, Tub = (a.reshape(F, N, K) for a in self.cal.transfer_table((z[None, :] - grid[:, None]).ravel()))
+        ov = np.isfinite(L)[None] & present[None]
+        tv = np.isfinite(T)
+        s2 = self.s.spec_model_sigma**2
+        wA = np.where(ov & tv, 1.0 / (1.0 / np.maximum(W[None], 1e-9) + 1.0 / np.maximum(WT, 1e-9) + s2), 0.0)
+        yA = np.where(ov & tv, np.nan_to_num(L[None] - T), 0.0)
+        # bounds: y = L - T >= L - Tub where only the frame detects; <= Lub - T where only the table does
+        wH = 1.0 / (2 * s2)
+        lbB = np.where(ov & ~tv, np.nan_to_num(L[None] - Tub), -np.inf)
+        ubC = np.where(~np.isfinite(L)[None] & present[None] & tv, np.nan_to_num(Lub[None] - T), np.inf)
+        # smoothness of c over log-frequency bins (second differences) + weak ridge
+        D2 = np.diff(np.eye(K), 2, axis=0)
+        D1 = np.diff(np.eye(K), 1, axis=0)
+        Pc = self.s.spec_curvature * D2.T @ D2 + self.s.spec_slope * D1.T @ D1
+        P = Pc + 1e-4 * np.eye(K)
+        pd = 1.0 / self.s.exposure_sigma**2
+        wB = np.zeros_like(wA)
+        wC = np.zeros_like(wA)
+        for _ in range(3):
+            w = wA + wB + wC
+            y = (wA * yA + wB * np.where(np.isfinite(lbB), lbB, 0) + wC * np.where(np.isfinite(ubC), ubC, 0)) / np.maximum(w, 1e-12)
+            c, d = _solve_two_way(w, y, P, pd)
+            m = c[:, None, :] + d[:, :, None]
+            wB = np.where(m < lbB, wH, 0.0)
+            wC = np.where(m > ubC, wH, 0.0)
+        r = yA - m
+        chi2 = (wA * r * r).sum(axis=(1, 2))
+        chi2 += (wH * np.maximum(np.nan_to_num(lbB - m, neginf=0.0), 0) ** 2).sum(axis=(1, 2))
+        chi2 += (wH * np.maximum(np.nan_to_num(m - ubC, neginf=0.0), 0) ** 2).sum(axis=(1, 2))
+        chi2 += pd * (d * d).sum(axis=1) + np.einsum("fk,kl,fl->f", c, Pc, c)
+        n_a = (wA > 0).sum(axis=(1, 2))
+        dof = np.maximum(n_a - np.minimum(n_a, K // 3) - (N - 1), 1).astype(float)
+        return chi2, dof
+
+    def _posterior(self, grid: NDArray | None = None) -> tuple[float, float, NDArray, NDArray, dict[str, float]]:
+        grid = self.grid if grid is None else grid
+        zs = np.array([o.z for o in self.observations])
+        bs = np.array([o.blur for o in self.observations])
+        specs = [o.spectrum for o in self.observations]
+        cost = self._cnn_cost(zs, bs, grid)
+        chi2, dof = self._spec_cost(zs, specs, grid)
+        # the spectral chi^2 is over-dispersed when the model is imperfect: scale by its
+        # minimum reduced value (>= 1) so the posterior width stays honest
+        scale = 1.0
+        if np.any(dof > 0):
+            i = int(np.argmin(chi2 + cost))
+            scale = max(1.0, float(chi2[i] / max(dof[i], 1.0)))
+        total = cost + chi2 / scale
+        if self.prior is not None:
+            total = total + ((grid - self.prior[0]) / self.prior[1]) ** 2
+        total = total - total.min()
+        p = np.exp(-0.5 * total)
+        p /= p.sum()
+        i = int(np.argmax(p))
+        f = float(grid[i])
+        if 0 < i < len(grid) - 1:  # parabolic refinement of the mode
+            y0, y1, y2 = total[i - 1], total[i], total[i + 1]
+            den = y0 - 2 * y1 + y2
+            if den > 0:
+                f += float(np.clip(0.5 * (y0 - y2) / den, -1, 1)) * float(grid[1] - grid[0])
+        mean = float((p * grid).sum())
+        sd = float(math.sqrt(max((p * (grid - mean) ** 2).sum(), 0.0)))
+        step = float(grid[1] - grid[0]) if len(grid) > 1 else 0.0
+        sd = max(sd, step / math.sqrt(12))
+        j = int(np.argmin(np.abs(grid - f)))
+        info = {
+            "chi2_scale": scale,
+            "spec_chi2_red": float(chi2[j] / max(dof[j], 1.0)) if np.any(dof > 0) else float("nan"),
+            "spec_dof": float(dof[j]),
+            "cnn_cost": float(cost[j]),
+        }
+        return f, sd, grid, p, info
+
+    def _refined(self) -> tuple[float, float, dict[str, float]]:
+        """Posterior mode and sd, re-evaluated on a fine grid around the coarse mode."""
+        f, sd, grid, p, info = self._posterior()
+        half = max(6 * sd, 0.5 * self.dof)
+        step = max(min(sd / 10, self.s.grid_dof * self.dof), 0.002)
+        fine = np.arange(max(self.lo, f - half), min(self.hi, f + half) + step / 2, step)
+        if len(fine) >= 5:
+            f2, sd2, _, _, info2 = self._posterior(fine)
+            # keep the wide sd when the coarse posterior is multimodal
+            return f2, max(sd2, sd if sd > half / 3 else sd2), info2
+        return f, sd, info
+
+    # ------------------------------------------------------------------ policy
+    def _has_information(self) -> bool:
+        for o in self.observations:
+            if np.isfinite(o.blur):
+                return True
+            if o.spectrum is not None and np.any(o.spectrum.log_signal()[1] > 0):
+                return True
+        return False
+
+    def _propose(self) -> float | None:
+        n = self.n
+        if n == 0:
+            return self.start
+        if not self._has_information():
+            return None  # blank field: nothing to go on, never move blindly
+        f, sd, _ = self._refined()
+        tol = self.s.tol_dof * self.dof
+        if n >= self.min_images and sd <= tol:
+            if self.s.verify and not self._verified and n < self.max_images and self._nearest(f) > tol:
+                self._verified = True
+                return f
+            return None
+        if n == 1 and self.prior is None:
+            d = abs(f - self.start)
+            step = max(d, self.s.first_step_min_dof * self.dof)
+            sign = 1.0 if f >= self.start else -1.0
+            if d < self.s.first_step_min_dof * self.dof:
+                # near focus or unknown side: step toward the roomier side of the bounds
+                sign = 1.0 if (self.hi - self.start) >= (self.start - self.lo) else -1.0
+            return self.start + sign * step
+        if n == self.max_images - 1 and self.s.verify:
+            self._verified = True
+            return f  # last image: look where we would go (and refine with it)
+        # straddle the estimate: the side opposite to the nearest image so far
+        delta = max(self.s.straddle_dof * self.dof, min(2 * sd, 4 * self.dof))
+        zs = np.array([o.z for o in self.observations])
+        near = zs[np.argmin(np.abs(zs - f))]
+        sign = -1.0 if near > f else 1.0
+        z = f + sign * delta
+        if not self.lo <= z <= self.hi:
+            z = f - sign * delta
+        # do not image the same place twice
+        if np.min(np.abs(zs - z)) < 0.05 * self.dof:
+            z = f + sign * 0.5 * delta
+        return z
+
+    def _nearest(self, f: float) -> float:
+        return float(min(abs(o.z - f) for o in self.observations)) if self.observations else np.inf
+
+    # ------------------------------------------------------------------ result
+    def result(self) -> SearchResult:
+        if self.n == 0 or not self._has_information():
+            return SearchResult(
+                self.start, 0.0, float("nan"), float("nan"), 0.0, False,
+                "no focus information in any image (blank, dark or saturated field)", self.n,
+            )
+        f, sd, info = self._refined()
+        resid = info.get("spec_chi2_red", float("nan"))
+        conv = sd <= self.s.converged_dof * self.dof
+        at_edge = f <= self.lo + 1e-9 or f >= self.hi - 1e-9
+        confidence = float(math.exp(-((sd / (0.25 * self.dof)) ** 2)))
+        if at_edge:
+            confidence *= 0.1
+            conv = False
+        if self.n < 2 and self.prior is None:
+            conv = False
+        reason = (
+            f"posterior sd {sd:.3f} um <= {self.s.converged_dof} DOF"
+            if conv
+            else ("estimate at the search bound: focus may be beyond it" if at_edge else f"posterior sd {sd:.3f} um too wide")
+        )
+        fmap = self._focus_map(f, sd)
+        return SearchResult(
+            z_focus=f,
+            dz=f - self.start,
+            sigma_um=sd,
+            residual=float(resid),
+            confidence=confidence,
+            converged=bool(conv),
+            reason=reason,
+            images=self.n,
+            focus_map=fmap,
+            details=info,
+        )
+
+    def _focus_map(self, f: float, sd: float) -> NDArray[np.float64] | None:
+        """Per-patch focus positions from per-patch spectra and CNN maps, near ``f``."""
+        obs = self.observations
+        if len(obs) < 2 or any(o.patch_spectra is None and o.blur_map is None for o in obs):
+            return None
+        shape = None
+        for o in obs:
+            if o.patch_spectra is not None:
+                shape = (len(o.patch_spectra), len(o.patch_spectra[0]) if o.patch_spectra else 0)
+                break
+            if o.blur_map is not None:
+                shape = o.blur_map.shape
+                break
+        if shape is None or 0 in shape:
+            return None
+        half = max(4 * sd, 3 * self.dof)
+        step = max(self.s.grid_dof * self.dof, 0.01)
+        grid = np.arange(max(self.lo, f - half), min(self.hi, f + half) + step / 2, step)
+        zs = np.array([o.z for o in obs])
+        out = np.full(shape, np.nan)
+        for idx in np.ndindex(*shape):
+            bs = np.array([
+                float(o.blur_map[idx]) if o.blur_map is not None and (o.confidence is None or o.confidence[idx] >= 0.5) else np.nan
+                for o in obs
+            ])
+            specs = [o.patch_spectra[idx[0]][idx[1]] if o.patch_spectra is not None else None for o in obs]
+            cost = self._cnn_cost(zs, bs, grid)
+            chi2, dof = self._spec_cost(zs, specs, grid)
+            if not np.any(dof > 0) and np.sum(np.isfinite(bs)) < 2:
+                continue
+            j = int(np.argmin(chi2 + cost))
+            scale = max(1.0, float(chi2[j] / max(dof[j], 1.0))) if np.any(dof > 0) else 1.0
+            total = cost + chi2 / scale
+            i = int(np.argmin(total))
+            fi = float(grid[i])
+            if 0 < i < len(grid) - 1:
+                y0, y1, y2 = total[i - 1], total[i], total[i + 1]
+                den = y0 - 2 * y1 + y2
+                if den > 0:
+                    fi += float(np.clip(0.5 * (y0 - y2) / den, -1, 1)) * step
+            out[idx] = fi
+        return out
+
+
+def _solve_two_way(w: NDArray, y: NDArray, P: NDArray, pd: float) -> tuple[NDArray, NDArray]:
+    """Minimize sum w (y - c_k - d_i)^2 + c'Pc + pd |d|^2 for every candidate (batched).
+
+    ``w, y``: ``(F, N, K)``; returns ``c (F, K)`` and ``d (F, N)``.
+    """
+    F, N, K = w.shape
+    A = np.zeros((F, K + N, K + N))
+    b = np.zeros((F, K + N))
+    A[:, :K, :K] = P[None] + np.einsum("fk,kl->fkl", w.sum(axis=1), np.eye(K))
+    A[:, K:, K:] = np.einsum("fi,ij->fij", w.sum(axis=2) + pd, np.eye(N))
+    A[:, :K, K:] = np.transpose(w, (0, 2, 1))
+    A[:, K:, :K] = w
+    b[:, :K] = (w * y).sum(axis=1)
+    b[:, K:] = (w * y).sum(axis=2)
+    x = np.linalg.solve(A, b[..., None])[..., 0]
+    return x[:, :K], x[:, K:]
+
+
+def make_search(strategy: str, calibration: Calibration | None, **kw: Any) -> Search:
+    """Build a strategy by name: ``"deepfocus"`` (ours), ``"paper"`` or ``"brent"``."""
+    if strategy == "deepfocus":
+        if calibration is None:
+            raise ValueError("strategy 'deepfocus' needs a calibration.")
+        return DeepFocusSearch(calibration, **kw)
+    if strategy == "paper":
+        if calibration is None:
+            raise ValueError("strategy 'paper' needs a calibration.")
+        return PaperSearch(calibration, **kw)
+    if strategy == "brent":
+        kw.pop("settings", None)
+        kw.pop("prior", None)
+        return BrentSearch(**kw)
+    raise ValueError(f"Unknown strategy {strategy!r}; use 'deepfocus', 'paper' or 'brent'.")
+
+
+_ = EDGES
