@@ -18,13 +18,34 @@ from .errors import (
     NoFocusInformation,
     WeightsError,
 )
+from .calibration import Calibration
+from .metrics import CLASSIC_FUNCTIONS, get_focus_function
 from .optics import OBJECTIVES, CameraModel, Objective, get_objective
+from .results import AutofocusResult, fit_focus_plane
+from .schema import AutofocusSummary
+from .scorer import DeepFocusScorer
+from .scoring import FocusFunction, ScoreResult
+from .search import BrentSearch, DeepFocusSearch, DeepFocusSettings, Observation, PaperSearch
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CLASSIC_FUNCTIONS",
     "OBJECTIVES",
     "AutofocusFailed",
+    "AutofocusResult",
+    "AutofocusSummary",
+    "BrentSearch",
+    "Calibration",
+    "DeepFocusScorer",
+    "DeepFocusSearch",
+    "DeepFocusSettings",
+    "FocusFunction",
+    "Observation",
+    "PaperSearch",
+    "ScoreResult",
+    "fit_focus_plane",
+    "get_focus_function",
     "CalibrationError",
     "CameraModel",
     "CatalogError",

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from scipy import optimize
+from scipy import interpolate, optimize
 
 from .errors import CalibrationError
 from .spectral import EDGES, Spectrum
@@ -195,6 +195,10 @@ class Calibration:
                 f"[{z[0]:.2f}, {z[-1]:.2f}] um; centre the calibration stack on focus."
             )
         params = dict(params, center=params["center"] - center)
+        if not (np.isfinite(dof_um) and dof_um > 0):
+            # unknown objective: the Moffat FWHM of the blur curve scales with the depth of
+            # field (ratio 1.65 for the aberration-free presets of .optics)
+            dof_um = 1.65 * params["fwhm"]
         return cls(
             z_um=z - center,
             blur=b,
@@ -236,11 +240,23 @@ class Calibration:
     def step_um(self) -> float:
         return float(np.median(np.diff(self.z_um)))
 
-    def b_calib(self, z: ArrayLike) -> NDArray[np.float64]:
-        """Calibration blur score at defocus ``z`` (um from focus); NaN outside the stack."""
+    def b_calib(self, z: ArrayLike, *, clamp: bool = False) -> NDArray[np.float64]:
+        """Calibration blur score at defocus ``z`` (um from focus).
+
+        Outside the informative part of the stack: NaN, or the end values with ``clamp``.
+        """
         zq = np.atleast_1d(np.asarray(z, dtype=float))
         ok = np.isfinite(self.blur)
-        out = np.interp(zq, self.z_um[ok], self.blur[ok], left=np.nan, right=np.nan)
+        zs, bs = self.z_um[ok], self.blur[ok]
+        inside = (zq >= zs[0]) & (zq <= zs[-1])
+        out = np.full(zq.shape, np.nan)
+        if len(zs) >= 3:
+            out[inside] = interpolate.PchipInterpolator(zs, bs)(zq[inside])
+        else:
+            out[inside] = np.interp(zq[inside], zs, bs)
+        if clamp:
+            out[zq < zs[0]] = bs[0]
+            out[zq > zs[-1]] = bs[-1]
         return out
 
     def log_transfer(self, z: ArrayLike) -> NDArray[np.float64]:
@@ -249,26 +265,51 @@ class Calibration:
         return _interp_columns(zq, self.z_um, self.log_signal, 1.6 * self.step_um)
 
     def transfer_table(self, z: ArrayLike) -> tuple[NDArray, NDArray, NDArray]:
-        """At defocus ``z``: ``log(P - N)`` (NaN where undetected), its weight, and the
-        detection limit (an upper bound where undetected); each ``(len(z), K)``.
+        """At defocus ``z``: ``log(P - N)`` (NaN where undetected), its weight, and an upper
+        bound where undetected (:meth:`_bounds`); each ``(len(z), K)``.
 
-        Beyond the stack's range the end frames are used (the response is flat there
-        for the bins it still detects, and undetected bins stay bounded).
+        The stack is resampled once with shape-preserving cubic interpolation (PCHIP) along
+        z per frequency bin, 8 points per calibration step, so the table is smooth near
+        focus; beyond the stack's range the end frames are used.
         """
-        zq = np.clip(np.atleast_1d(np.asarray(z, dtype=float)), self.z_um[0], self.z_um[-1])
-        gap = 1.6 * self.step_um
-        val = _interp_columns(zq, self.z_um, self.log_signal, gap)
-        w = _interp_columns(zq, self.z_um, self.signal_weight, gap)
-        lim = _interp_columns(zq, self.z_um, self._bounds(), np.inf)
-        # a bin detected on one side of the interval only: use the nearer frame's state
-        j = np.clip(np.searchsorted(self.z_um, zq) - 1, 0, len(self.z_um) - 2)
-        near = np.where(zq - self.z_um[j] <= self.z_um[j + 1] - zq, j, j + 1)
-        nv = self.log_signal[near]
-        fill = ~np.isfinite(val) & np.isfinite(nv)
-        val[fill] = nv[fill]
-        w[fill] = self.signal_weight[near][fill]
-        w = np.where(np.isfinite(val), np.nan_to_num(w), 0.0)
+        zd, Td, Wd, Bd = self._dense()
+        zq = np.clip(np.atleast_1d(np.asarray(z, dtype=float)), zd[0], zd[-1])
+        pos = (zq - zd[0]) / (zd[1] - zd[0])
+        j = np.clip(np.floor(pos).astype(int), 0, len(zd) - 2)
+        t = (pos - j)[:, None]
+        a, b = Td[j], Td[j + 1]
+        val = np.where(np.isfinite(a) & np.isfinite(b), (1 - t) * a + t * b, np.where(t < 0.5, a, b))
+        w = np.where(np.isfinite(val), (1 - t) * Wd[j] + t * Wd[j + 1], 0.0)
+        lim = (1 - t) * Bd[j] + t * Bd[j + 1]
         return val, w, lim
+
+    def _dense(self) -> tuple[NDArray, NDArray, NDArray, NDArray]:
+        cached = getattr(self, "_dense_cache", None)
+        if cached is not None:
+            return cached
+        z = self.z_um
+        zd = np.linspace(z[0], z[-1], 8 * (len(z) - 1) + 1)
+        T = self.log_signal
+        Td = np.full((len(zd), T.shape[1]), np.nan)
+        for k in range(T.shape[1]):
+            ok = np.isfinite(T[:, k])
+            # contiguous runs of detected frames, each interpolated on its own span
+            edges = np.flatnonzero(np.diff(np.r_[0, ok.astype(int), 0]))
+            for s, e in zip(edges[::2], edges[1::2], strict=True):
+                zs, ts = z[s:e], T[s:e, k]
+                sel = (zd >= zs[0] - 1e-12) & (zd <= zs[-1] + 1e-12)
+                if len(zs) >= 3:
+                    Td[sel, k] = interpolate.PchipInterpolator(zs, ts)(zd[sel])
+                elif len(zs) == 2:
+                    Td[sel, k] = np.interp(zd[sel], zs, ts)
+                else:
+                    Td[np.abs(zd - zs[0]) <= (zd[1] - zd[0]) / 2, k] = ts[0]
+        Wd = np.stack([np.interp(zd, z, self.signal_weight[:, k]) for k in range(T.shape[1])], axis=1)
+        B = self._bounds()
+        Bd = np.stack([np.interp(zd, z, B[:, k]) for k in range(T.shape[1])], axis=1)
+        Bd = np.where(np.isfinite(Td), Td, Bd)
+        self._dense_cache = (zd, Td, Wd, Bd)
+        return self._dense_cache
 
     def _bounds(self) -> NDArray[np.float64]:
         """Upper bounds of ``log(P - N)`` where the stack did not detect a bin.

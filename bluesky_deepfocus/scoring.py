@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -210,6 +211,10 @@ class FocusFunction:
         Patches whose structure SNR (:func:`structure_snr`) is below this have confidence 0.
     saturation
         Pixel value counted as saturated (default: the dtype's maximum for integer frames).
+    roi
+        ``(x, y, width, height)`` scored when used as a callback (plans set it per run).
+    max_results
+        Scored images kept in :attr:`results` (oldest dropped first).
     """
 
     name: str = "focus_function"
@@ -224,6 +229,8 @@ class FocusFunction:
         min_snr: float = 1.5,
         saturation: float | None = None,
         max_saturated_fraction: float = 0.3,
+        roi: ROI | None = None,
+        max_results: int = 10_000,
     ) -> None:
         self.patch_size = int(patch_size)
         self.image_key = image_key
@@ -232,7 +239,9 @@ class FocusFunction:
         self.saturation = saturation
         self.max_saturated_fraction = float(max_saturated_fraction)
         self.min_confidence = 0.5
-        self.results: list[ScoredImage] = []
+        self.roi = roi
+        self.results: deque[ScoredImage] = deque(maxlen=int(max_results))
+        self._seen: OrderedDict[tuple[str, int], None] = OrderedDict()
         self._lock = threading.Lock()
         self._start: dict[str, Any] = {}
         self._keys: dict[str, tuple[str | None, str | None, str]] = {}
@@ -302,10 +311,18 @@ class FocusFunction:
         start = self._start.get(doc.get("run_start", ""), {})
         image_key = self.image_key if self.image_key in keys else None
         if image_key is None and self.image_key is None:
-            for k, dk in keys.items():
-                if dk.get("dtype") == "array" and len(dk.get("shape") or []) in (2, 3):
-                    image_key = k
-                    break
+            # camera frames: 2-D (or RGB) arrays at least one patch large, preferring the
+            # run's detectors (derived maps of our own streams are small and not detectors)
+            detectors = set(start.get("detectors", []) or [])
+            candidates = [
+                k
+                for k, dk in keys.items()
+                if dk.get("dtype") == "array"
+                and len(dk.get("shape") or []) in (2, 3)
+                and min((dk.get("shape") or [0, 0])[:2]) >= self.patch_size
+            ]
+            preferred = [k for k in candidates if keys[k].get("object_name") in detectors]
+            image_key = (preferred or candidates or [None])[0]
         position_key = self.position_key if self.position_key in keys else None
         if position_key is None and self.position_key is None:
             for motor in start.get("motors", []) or []:
@@ -326,8 +343,14 @@ class FocusFunction:
         image = data.get(image_key)
         if image is None or isinstance(image, str):  # external (datum id): not inline
             return
+        key = (str(doc.get("descriptor", "")), int(doc.get("seq_num", 0)))
+        if key in self._seen:  # subscribed twice (session and plan): score once
+            return
+        self._seen[key] = None
+        while len(self._seen) > 4 * (self.results.maxlen or 10_000):
+            self._seen.popitem(last=False)
         z = float(data[position_key]) if position_key and position_key in data else float("nan")
-        result = self.score(np.asarray(image))
+        result = self.score(np.asarray(image), roi=self.roi)
         run_uid = self._run_of_descriptor(doc.get("descriptor", ""))
         with self._lock:
             self.results.append(
@@ -365,6 +388,7 @@ class FocusFunction:
     def clear(self) -> None:
         with self._lock:
             self.results.clear()
+            self._seen.clear()
 
     def rescore(self, run: Any) -> list[ScoredImage]:
         """Re-score a stored run by replaying its documents through this callback.

@@ -314,7 +314,7 @@ def _match_raw(cal: Calibration, z: NDArray, b: NDArray, grid: NDArray) -> tuple
         return float("nan"), float("nan")
     zz, bb = z[ok], b[ok]
     d = np.clip(zz[None, :] - grid[:, None], lo_c, hi_c)
-    pred = cal.b_calib(d.ravel()).reshape(d.shape)
+    pred = cal.b_calib(d.ravel(), clamp=True).reshape(d.shape)
     sse = np.nansum((bb[None, :] - pred) ** 2, axis=1)
     i = int(np.argmin(sse))
     f = float(grid[i])
@@ -404,6 +404,7 @@ class PaperSearch(Search):
             return SearchResult(self.start, 0.0, float("nan"), float("nan"), 0.0, False, "no image held focus information", self.n)
         grid = self._grid()
         f, rms = _match_raw(self.cal, z, b, grid)
+        f = float(np.clip(f, self.lo, self.hi))
         fmap = None
         maps = [o.blur_map for o in self.observations]
         if all(m is not None for m in maps) and maps:
@@ -414,7 +415,7 @@ class PaperSearch(Search):
                 if np.sum(np.isfinite(bi)) >= 2:
                     fmap[idx] = _match_raw(self.cal, z, bi, grid)[0]
             if np.any(np.isfinite(fmap)):
-                f = float(np.nanmean(fmap))  # the paper averages dz over the ROI
+                f = float(np.clip(np.nanmean(fmap), self.lo, self.hi))  # averaged over the ROI
         convex = _quad_beats_linear(z, b)
         return SearchResult(
             z_focus=f,
@@ -436,7 +437,7 @@ class PaperSearch(Search):
 class DeepFocusSettings:
     """Tuning of :class:`DeepFocusSearch` (recorded in the run's metadata)."""
 
-    tol_dof: float = 0.02  # stop when the posterior sd is below this (DOF)
+    tol_dof: float = 0.03  # stop when the posterior sd is below this (DOF)
     converged_dof: float = 0.1  # call it converged below this (DOF)
     straddle_dof: float = 0.7  # refinement images at estimate +/- this (DOF)
     first_step_min_dof: float = 1.0
@@ -450,6 +451,7 @@ class DeepFocusSettings:
     use_spectra: bool = True
     use_cnn: bool = True
     verify: bool = True  # end with an image at the estimate when the budget allows
+    explore_dof: float = 4.0  # step of the search pattern while no image holds information
 
 
 class DeepFocusSearch(Search):
@@ -477,7 +479,7 @@ class DeepFocusSearch(Search):
         lo_c, hi_c = calibration.z_range
         step = max(self.s.grid_dof * self.dof, 0.01)
         # focus candidates: reachable positions only (an unreachable focus is a failure anyway)
-        self.grid = np.arange(self.lo, self.hi + step / 2, step)
+        self.grid = _grid(self.lo, self.hi, step)
         self._post: tuple[float, float, NDArray, NDArray] | None = None
         self._verified = False
 
@@ -491,7 +493,7 @@ class DeepFocusSearch(Search):
             return np.zeros(len(grid))
         lo_c, hi_c = self.cal.z_range
         d = np.clip(zs[ok][None, :] - grid[:, None], lo_c, hi_c)
-        pred = self.cal.b_calib(d.ravel()).reshape(d.shape)
+        pred = self.cal.b_calib(d.ravel(), clamp=True).reshape(d.shape)
         resid = bs[ok][None, :] - pred
         # profile the specimen's offset beta with prior N(0, s_beta^2)
         sb2, s2 = self.s.cnn_offset_sigma**2, self.s.cnn_sigma**2
@@ -581,6 +583,7 @@ class DeepFocusSearch(Search):
             den = y0 - 2 * y1 + y2
             if den > 0:
                 f += float(np.clip(0.5 * (y0 - y2) / den, -1, 1)) * float(grid[1] - grid[0])
+        f = float(np.clip(f, grid[0], grid[-1]))
         mean = float((p * grid).sum())
         sd = float(math.sqrt(max((p * (grid - mean) ** 2).sum(), 0.0)))
         step = float(grid[1] - grid[0]) if len(grid) > 1 else 0.0
@@ -599,7 +602,7 @@ class DeepFocusSearch(Search):
         f, sd, grid, p, info = self._posterior()
         half = max(6 * sd, 0.5 * self.dof)
         step = max(min(sd / 10, self.s.grid_dof * self.dof), 0.002)
-        fine = np.arange(max(self.lo, f - half), min(self.hi, f + half) + step / 2, step)
+        fine = _grid(max(self.lo, f - half), min(self.hi, f + half), step)
         if len(fine) >= 5:
             f2, sd2, _, _, info2 = self._posterior(fine)
             # keep the wide sd when the coarse posterior is multimodal
@@ -611,7 +614,7 @@ class DeepFocusSearch(Search):
         for o in self.observations:
             if np.isfinite(o.blur):
                 return True
-            if o.spectrum is not None and np.any(o.spectrum.log_signal()[1] > 0):
+            if o.spectrum is not None and np.count_nonzero(o.spectrum.log_signal()[1] > 0) >= 3:
                 return True
         return False
 
@@ -620,7 +623,10 @@ class DeepFocusSearch(Search):
         if n == 0:
             return self.start
         if not self._has_information():
-            return None  # blank field: nothing to go on, never move blindly
+            # nothing seen yet (blank field, or a sparse one far out of focus): look
+            # around the start in growing steps, alternating sides; if nothing is ever
+            # seen the result says so and the plan restores the start position
+            return self._explore(n)
         f, sd, _ = self._refined()
         tol = self.s.tol_dof * self.dof
         if n >= self.min_images and sd <= tol:
@@ -639,11 +645,17 @@ class DeepFocusSearch(Search):
         if n == self.max_images - 1 and self.s.verify:
             self._verified = True
             return f  # last image: look where we would go (and refine with it)
-        # straddle the estimate: the side opposite to the nearest image so far
+        # straddle the estimate: image the side of it with fewer images nearby (ties: the
+        # side opposite to the last image), so a symmetric pair cancels the specimen
         delta = max(self.s.straddle_dof * self.dof, min(2 * sd, 4 * self.dof))
         zs = np.array([o.z for o in self.observations])
-        near = zs[np.argmin(np.abs(zs - f))]
-        sign = -1.0 if near > f else 1.0
+        near = zs[np.abs(zs - f) <= 2.5 * delta]
+        above = int(np.sum(near > f + 0.1 * delta))
+        below = int(np.sum(near < f - 0.1 * delta))
+        if above != below:
+            sign = 1.0 if above < below else -1.0
+        else:
+            sign = -1.0 if zs[-1] > f else 1.0
         z = f + sign * delta
         if not self.lo <= z <= self.hi:
             z = f - sign * delta
@@ -651,6 +663,19 @@ class DeepFocusSearch(Search):
         if np.min(np.abs(zs - z)) < 0.05 * self.dof:
             z = f + sign * 0.5 * delta
         return z
+
+    def _explore(self, n: int) -> float | None:
+        step = self.s.explore_dof * self.dof
+        first = 1.0 if (self.hi - self.start) >= (self.start - self.lo) else -1.0
+        tried = {round(o.z, 6) for o in self.observations}
+        for k in range(1, 64):
+            for sign in (first, -first):
+                z = self.start + sign * k * step
+                if self.lo <= z <= self.hi and round(z, 6) not in tried:
+                    return z
+            if self.start + k * step > self.hi and self.start - k * step < self.lo:
+                break
+        return None
 
     def _nearest(self, f: float) -> float:
         return float(min(abs(o.z - f) for o in self.observations)) if self.observations else np.inf
@@ -708,7 +733,7 @@ class DeepFocusSearch(Search):
             return None
         half = max(4 * sd, 3 * self.dof)
         step = max(self.s.grid_dof * self.dof, 0.01)
-        grid = np.arange(max(self.lo, f - half), min(self.hi, f + half) + step / 2, step)
+        grid = _grid(max(self.lo, f - half), min(self.hi, f + half), step)
         zs = np.array([o.z for o in obs])
         out = np.full(shape, np.nan)
         for idx in np.ndindex(*shape):
@@ -733,6 +758,15 @@ class DeepFocusSearch(Search):
                     fi += float(np.clip(0.5 * (y0 - y2) / den, -1, 1)) * step
             out[idx] = fi
         return out
+
+
+def _grid(lo: float, hi: float, step: float) -> NDArray[np.float64]:
+    """Evenly spaced candidates from lo to hi inclusive (never beyond hi)."""
+    if hi <= lo:
+        return np.array([lo])
+    n = max(2, int(math.floor((hi - lo) / step)) + 1)
+    g = lo + np.arange(n) * step
+    return g if g[-1] >= hi - 1e-12 else np.append(g, hi)
 
 
 def _solve_two_way(w: NDArray, y: NDArray, P: NDArray, pd: float) -> tuple[NDArray, NDArray]:

@@ -464,6 +464,21 @@ def train(cfg: TrainConfig, *, command: str = "", progress: bool = True) -> dict
     return info
 
 
+def export_checkpoint(folder: str | os.PathLike[str], dest: str | os.PathLike[str], *, width: int = 24) -> dict[str, Any]:
+    """Write the EMA weights of a (possibly running) training folder's checkpoint."""
+    ck = torch.load(Path(folder) / "checkpoint.pt", map_location="cpu", weights_only=False)
+    model = DeepFocusNet(ModelConfig(width=width))
+    model.load_state_dict(ck["ema"])
+    card = {
+        "model_id": f"deepfocus-w{width}-step{ck['step']}-partial",
+        "steps": ck["step"],
+        "wall_time_s": round(ck["wall"], 1),
+        "history": ck.get("history", [])[-5:],
+        "note": "exported from a training checkpoint",
+    }
+    return save_model(model, dest, card)
+
+
 def _write_card_md(path: Path, card: dict[str, Any]) -> None:
     v = card.get("validation", {})
     lines = [

@@ -38,6 +38,8 @@ def docs():
     """A list collecting (name, doc) pairs; subscribe ``docs.append`` wrapped as below."""
 
     class Collector(list):
+        __hash__ = object.__hash__  # RE.subscribe needs a hashable callable
+
         def __call__(self, name, doc):
             self.append((name, doc))
 

@@ -1,0 +1,170 @@
+"""Shared benchmark machinery: simulated microscopes, calibrations and autofocus trials
+driven through the real plans on a RunEngine (the benchmarks measure what users run)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..calibration import Calibration
+from ..optics import get_objective
+from ..scoring import FocusFunction
+from ..sim import MicroscopeSimulation, get_simulation, simulated_microscope
+
+__all__ = ["Bench", "Trial", "summarize"]
+
+
+@dataclass
+class Trial:
+    objective: str
+    family: str
+    seed: int
+    strategy: str
+    scorer: str
+    budget: tuple[int, int]
+    start_z: float
+    true_focus: float
+    final_z: float
+    images: int
+    converged: bool
+    status: str
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def error(self) -> float:
+        return self.final_z - self.true_focus
+
+
+class Bench:
+    """One RunEngine, devices rebuilt per simulated microscope."""
+
+    def __init__(self, sensor: int = 512, quiet: bool = True) -> None:
+        from bluesky import RunEngine
+
+        self.sensor = sensor
+        self.loop = asyncio.new_event_loop()
+        self.RE = RunEngine({}, call_returns_result=True, loop=self.loop)
+        self.plan_seconds = 0.0
+        self.images = 0
+
+    def microscope(
+        self,
+        objective: str,
+        family: str | np.ndarray,
+        seed: int,
+        *,
+        true_focus: float = 0.0,
+        tilt: tuple[float, float] = (0.0, 0.0),
+        slide_fovs: float = 1.3,
+        specimen_pixel_um: float | None = None,
+        **kw: Any,
+    ) -> tuple[Any, Any, Any, MicroscopeSimulation]:
+        from ..devices import MMCamera, MMFocusStage
+
+        obj = get_objective(objective)
+        fov = self.sensor * obj.pixel_size_um
+        core = simulated_microscope(
+            objective=objective,
+            specimen=family,
+            specimen_pixel_um=specimen_pixel_um,
+            seed=seed,
+            sensor_shape=(self.sensor, self.sensor),
+            slide_size_um=None if isinstance(family, np.ndarray) else fov * slide_fovs + 2 * 60 * math.tan(obj.half_angle) + 40 * obj.pixel_size_um,
+            true_focus_um=true_focus,
+            tilt=tilt,
+            **kw,
+        )
+        camera = MMCamera(core, name="camera")
+        focus = MMFocusStage(core, name="focus", limits=(-2000.0, 2000.0))
+        return core, camera, focus, get_simulation(core)
+
+    def calibrate(self, camera: Any, focus: Any, scorer: FocusFunction, half_range: float, num: int) -> Calibration:
+        from ..plans import calibration_plan
+
+        focus.move(0.0).wait(10)
+        res = self.RE(calibration_plan(camera, focus, -half_range, half_range, num, scorer=scorer))
+        return res.plan_result
+
+    def autofocus(
+        self,
+        camera: Any,
+        focus: Any,
+        sim: MicroscopeSimulation,
+        cal: Calibration | None,
+        scorer: FocusFunction,
+        *,
+        strategy: str,
+        start_z: float,
+        true_focus: float,
+        budget: tuple[int, int],
+        max_travel: float,
+        family: str,
+        seed: int,
+        **kw: Any,
+    ) -> Trial:
+        from ..plans import autofocus_plan
+
+        sim.set_true_focus(true_focus)
+        focus.move(start_z).wait(10)
+        t = time.perf_counter()
+        res = self.RE(
+            autofocus_plan(
+                camera,
+                focus,
+                cal,
+                scorer=scorer,
+                strategy=strategy,
+                min_images=budget[0],
+                max_images=budget[1],
+                max_travel=max_travel,
+                **kw,
+            )
+        ).plan_result
+        dt = time.perf_counter() - t
+        self.plan_seconds += dt
+        self.images += res.images_used
+        truth = sim.true_focus_at(0.0, 0.0)
+        return Trial(
+            objective=sim.objective.name,
+            family=family,
+            seed=seed,
+            strategy=strategy,
+            scorer=scorer.name,
+            budget=budget,
+            start_z=start_z,
+            true_focus=float(truth),
+            final_z=float(res.final_z),
+            images=int(res.images_used),
+            converged=bool(res.converged),
+            status=str(res.status),
+            seconds=dt,
+            extra={"focus_map": res.focus_map, "sigma": res.sigma_um},
+        )
+
+
+def summarize(trials: Sequence[Trial], dof: float | None = None) -> dict[str, float]:
+    e = np.abs([t.error for t in trials])
+    if len(e) == 0:
+        return {}
+    out = {
+        "n": float(len(e)),
+        "mean_abs_um": float(e.mean()),
+        "median_abs_um": float(np.median(e)),
+        "p95_abs_um": float(np.percentile(e, 95)),
+        "max_abs_um": float(e.max()),
+        "within_1um": float(np.mean(e <= 1.0)),
+        "mean_images": float(np.mean([t.images for t in trials])),
+        "max_images": float(np.max([t.images for t in trials])),
+        "converged": float(np.mean([t.converged for t in trials])),
+        "seconds": float(np.mean([t.seconds for t in trials])),
+    }
+    if dof:
+        out["mean_abs_dof"] = out["mean_abs_um"] / dof
+    return out

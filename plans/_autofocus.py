@@ -1,0 +1,720 @@
+"""Calibration and autofocus plans, and the run-less autofocus stub they share.
+
+The focus function is subscribed as a Bluesky callback for the duration of the plan;
+bluesky calls callbacks synchronously as each event is emitted, so after
+``trigger_and_read`` the score of that image is ready for the next decision. The
+decision logic lives in :mod:`bluesky_deepfocus.search` (pure ask/tell objects); these
+plans only move, measure, record and keep the sample safe.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Generator, Mapping
+from typing import Any
+
+import bluesky.plan_stubs as bps
+import bluesky.preprocessors as bpp
+import numpy as np
+from bluesky.utils import Msg, RunEngineControlException
+from ophyd import Component as Cpt
+from ophyd import Device, Signal
+
+from bluesky_deepfocus.calibration import Calibration
+from bluesky_deepfocus.errors import AutofocusFailed, CalibrationError
+from bluesky_deepfocus.results import AutofocusResult
+from bluesky_deepfocus.schema import CALIBRATION_STREAM, MD_KEY, RESULT_STREAM, SCORES_STREAM
+from bluesky_deepfocus.scoring import ROI, FocusFunction, ScoredImage, crop_roi
+from bluesky_deepfocus.search import DeepFocusSettings, Observation, Search, make_search
+from bluesky_deepfocus.spectral import EDGES, frame_spectrum, patch_spectra
+
+__all__ = ["autofocus_plan", "autofocus_stub", "calibration_plan"]
+
+MsgGenerator = Generator[Msg, Any, Any]
+ON_FAILURE = ("restore", "raise", "stay")
+STRATEGIES = ("deepfocus", "paper", "brent")
+
+
+# --------------------------------------------------------------------------------------
+# recorded values
+# --------------------------------------------------------------------------------------
+class _ScoreRecord(Device):
+    """Derived values of one image, read into the :data:`SCORES_STREAM` stream."""
+
+    z = Cpt(Signal, value=0.0, kind="hinted")
+    blur = Cpt(Signal, value=0.0, kind="hinted")
+    blur_map = Cpt(Signal, value=np.zeros((1, 1)))
+    confidence_map = Cpt(Signal, value=np.zeros((1, 1)))
+    informative_fraction = Cpt(Signal, value=0.0)
+    sharpness = Cpt(Signal, value=0.0)
+    image_index = Cpt(Signal, value=0)
+    spectrum_power = Cpt(Signal, value=np.zeros(len(EDGES) - 1))
+    spectrum_counts = Cpt(Signal, value=np.zeros(len(EDGES) - 1))
+    spectrum_noise = Cpt(Signal, value=0.0)
+
+    def update(self, **values: Any) -> None:
+        now = time.time()
+        for k, v in values.items():
+            getattr(self, k).put(v, timestamp=now)
+
+
+class _ResultRecord(Device):
+    """The decision, read into :data:`RESULT_STREAM`."""
+
+    start_z = Cpt(Signal, value=0.0)
+    final_z = Cpt(Signal, value=0.0)
+    dz = Cpt(Signal, value=0.0)
+    images_used = Cpt(Signal, value=0)
+    residual = Cpt(Signal, value=0.0)
+    confidence = Cpt(Signal, value=0.0)
+    converged = Cpt(Signal, value=False)
+    moved = Cpt(Signal, value=False)
+    status = Cpt(Signal, value="")
+    reason = Cpt(Signal, value="")
+    sharpness_start = Cpt(Signal, value=0.0)
+    sharpness_final = Cpt(Signal, value=0.0)
+    sigma_um = Cpt(Signal, value=0.0)
+    focus_map = Cpt(Signal, value=np.zeros((1, 1)))
+
+    def update(self, **values: Any) -> None:
+        now = time.time()
+        for k, v in values.items():
+            getattr(self, k).put(v, timestamp=now)
+
+
+class _CalibrationRecord(Device):
+    calibration = Cpt(Signal, value="")
+    fwhm_um = Cpt(Signal, value=0.0)
+    focus_um = Cpt(Signal, value=0.0)
+    moffat_r2 = Cpt(Signal, value=0.0)
+
+
+def _finite(v: float) -> float:
+    """Event data must be JSON-able: NaN is fine for floats, keep them as floats."""
+    return float(v)
+
+
+# --------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------
+def _limits_of(focus: Any) -> tuple[float, float]:
+    lo, hi = getattr(focus, "limits", (0.0, 0.0))
+    return (float(lo), float(hi)) if lo < hi else (-math.inf, math.inf)
+
+
+def _image_key(camera: Any) -> str:
+    img = getattr(camera, "image", None)
+    return img.name if img is not None else f"{camera.name}_image"
+
+
+def _config_value(camera: Any, attr: str) -> Any:
+    sig = getattr(camera, attr, None)
+    if sig is None:
+        return None
+    try:
+        return sig.get()
+    except Exception:
+        return None
+
+
+def _check_calibration(calibration: Any, camera: Any) -> Calibration:
+    if calibration is None:
+        raise CalibrationError(
+            "No calibration given for autofocus: run `cal = RE(calibration_plan(camera, focus, "
+            "-150, 150, 121, scorer=scorer)).plan_result` first (or load one with "
+            "`Calibration.from_run(catalog[uid])`)."
+        )
+    if not isinstance(calibration, Calibration):
+        raise CalibrationError(
+            f"calibration must be a bluesky_deepfocus.Calibration, got {type(calibration).__name__!r}."
+        )
+    objective = _config_value(camera, "objective")
+    if objective and calibration.objective and str(objective) != calibration.objective:
+        raise CalibrationError(
+            f"The calibration was made with objective {calibration.objective!r} but the "
+            f"microscope now uses {str(objective)!r}: calibrate this objective first (or load its "
+            "calibration)."
+        )
+    px = _config_value(camera, "pixel_size_um")
+    if px and calibration.pixel_size_um and abs(float(px) / calibration.pixel_size_um - 1) > 0.02:
+        raise CalibrationError(
+            f"The calibration's pixel size {calibration.pixel_size_um:.4f} um differs from the "
+            f"camera's {float(px):.4f} um (binning or objective changed): recalibrate."
+        )
+    return calibration
+
+
+def _scored(scorer: FocusFunction, run_uid: str | None, stream: str, seq_num: int) -> ScoredImage:
+    """The scorer's result for event ``seq_num`` of ``stream`` (just emitted)."""
+    for item in reversed(list(scorer.results)):
+        if item.stream == stream and item.seq_num == seq_num and (run_uid is None or item.run_uid == run_uid):
+            return item
+    raise RuntimeError(
+        f"The focus function {scorer.name!r} did not score event {seq_num} of stream {stream!r}: "
+        "is it subscribed, and does the camera put its image inline in the event?"
+    )
+
+
+class _Session:
+    """Mutable state of one autofocus pass inside a run (counters, stream names)."""
+
+    def __init__(self, images_stream: str, scores_stream: str, result_stream: str) -> None:
+        self.images_stream = images_stream
+        self.scores_stream = scores_stream
+        self.result_stream = result_stream
+        self.run_uid: str | None = None
+
+
+# per (RunEngine run, stream) image counters are kept on the plan side
+def _measure(
+    camera: Any,
+    focus: Any,
+    scorer: FocusFunction,
+    z: float,
+    roi: ROI | None,
+    session: _Session,
+    counter: dict[str, int],
+    record: _ScoreRecord,
+    settle_time: float,
+) -> Generator[Msg, Any, tuple[Observation, np.ndarray]]:
+    """Move, snap, score (via the subscribed callback), record; return the observation."""
+    yield from bps.checkpoint()
+    yield from bps.mv(focus, z)
+    if settle_time:
+        yield from bps.sleep(settle_time)
+    reading = yield from bps.trigger_and_read([camera, focus], name=session.images_stream)
+    seq = counter[session.images_stream] = counter.get(session.images_stream, 0) + 1
+    image = np.asarray(reading[_image_key(camera)]["value"])
+    z_read = float(reading[focus.name]["value"]) if focus.name in reading else float(z)
+    item = _scored(scorer, session.run_uid, session.images_stream, seq)
+    res = item.result
+    img = image.astype(np.float64)
+    if img.ndim == 3:
+        img = img[..., :3] @ np.array([0.299, 0.587, 0.114])
+    crop, _ = crop_roi(img.astype(np.float32), roi, scorer.patch_size)
+    spec = frame_spectrum(crop)
+    pspecs, _ = patch_spectra(crop, scorer.patch_size)
+    blur = res.score if not res.higher_is_sharper else float("nan")
+    sharp = res.score if res.higher_is_sharper else spec.sharpness()
+    obs = Observation(
+        z=z_read,
+        blur=blur,
+        blur_map=res.blur_map,
+        confidence=res.confidence,
+        spectrum=spec,
+        patch_spectra=pspecs,
+        sharpness=sharp,
+    )
+    record.update(
+        z=z_read,
+        blur=_finite(res.score),
+        blur_map=np.asarray(res.blur_map, dtype=float),
+        confidence_map=np.asarray(res.confidence, dtype=float),
+        informative_fraction=float(res.informative_fraction),
+        sharpness=float(spec.sharpness()),
+        image_index=seq,
+        spectrum_power=np.nan_to_num(spec.power, nan=0.0),
+        spectrum_counts=spec.counts.astype(float),
+        spectrum_noise=float(spec.noise),
+    )
+    yield from bps.create(name=session.scores_stream)
+    yield from bps.read(record)
+    yield from bps.save()
+    return obs, image
+
+
+def _bounds(focus: Any, z0: float, max_travel: float) -> tuple[float, float]:
+    lo, hi = _limits_of(focus)
+    return max(lo, z0 - max_travel), min(hi, z0 + max_travel)
+
+
+def autofocus_stub(
+    camera: Any,
+    focus: Any,
+    calibration: Calibration | None,
+    *,
+    scorer: FocusFunction,
+    roi: ROI | None = None,
+    min_images: int = 3,
+    max_images: int = 8,
+    on_failure: str = "restore",
+    strategy: str = "deepfocus",
+    max_travel: float | None = None,
+    min_confidence: float = 0.5,
+    settings: DeepFocusSettings | None = None,
+    prior: tuple[float, float] | None = None,
+    settle_time: float = 0.0,
+    stream_prefix: str = "autofocus",
+    _session: _Session | None = None,
+) -> Generator[Msg, Any, AutofocusResult]:
+    """Autofocus inside an already open run (opens no run; a plan stub).
+
+    Images go to stream ``f"{stream_prefix}_images"``, the (z, blur) pairs to
+    ``f"{stream_prefix}_scores"`` and the decision to ``f"{stream_prefix}_result"`` of the
+    host run, so its ``primary`` stream stays the host's. Same arguments as
+    :func:`autofocus_plan`; returns an :class:`~bluesky_deepfocus.AutofocusResult`.
+    """
+    _validate(min_images, max_images, on_failure, strategy, min_confidence)
+    if strategy != "brent":
+        calibration = _check_calibration(calibration, camera)
+    session = _session or _Session(
+        f"{stream_prefix}_images", f"{stream_prefix}_scores", f"{stream_prefix}_result"
+    )
+    z0 = float((yield from bps.rd(focus)))
+    if max_travel is None:
+        max_travel = calibration.z_range[1] if calibration is not None else 150.0
+    if not (math.isfinite(max_travel) and max_travel > 0):
+        raise ValueError(f"max_travel={max_travel!r} must be a positive number of um.")
+    lo, hi = _bounds(focus, z0, float(max_travel))
+    if not lo <= z0 <= hi:
+        raise ValueError(
+            f"The focus is at {z0!r} um, outside its limits {_limits_of(focus)!r}: move it inside "
+            "the limits before autofocus."
+        )
+    kw: dict[str, Any] = {"start": z0, "lo": lo, "hi": hi, "min_images": min_images, "max_images": max_images}
+    if strategy == "deepfocus":
+        kw.update(settings=settings, prior=prior)
+    search: Search = make_search(strategy, calibration, **kw)
+    record = _ScoreRecord(name=session.scores_stream.replace("-", "_"))
+    result_rec = _ResultRecord(name=session.result_stream.replace("-", "_"))
+    counter: dict[str, int] = getattr(session, "counter", {})
+    session.counter = counter  # type: ignore[attr-defined]
+    old_roi = scorer.roi
+    scorer.roi = roi
+    observations: list[Observation] = []
+
+    def body() -> Generator[Msg, Any, Any]:
+        while (z := search.ask()) is not None:
+            if not lo - 1e-9 <= z <= hi + 1e-9:  # defence in depth: never outside the bounds
+                raise AssertionError(f"search proposed z={z!r} outside [{lo!r}, {hi!r}]")
+            obs, _ = yield from _measure(camera, focus, scorer, z, roi, session, counter, record, settle_time)
+            observations.append(obs)
+            search.tell(obs)
+        return search.result()
+
+    def restore(exc: Exception) -> Generator[Msg, Any, None]:
+        yield from bps.mv(focus, z0)  # an error mid-search: back to the start position
+
+    def cleanup() -> Generator[Msg, Any, None]:
+        yield from bps.unsubscribe(token)
+        scorer.roi = old_roi
+
+    token = yield from bps.subscribe("all", scorer)
+    res = yield from bpp.contingency_wrapper(body(), except_plan=restore, final_plan=cleanup)
+    start_sharp = _sharpness_at(observations, z0)
+    ok = (
+        res.converged
+        and res.confidence >= min_confidence
+        and math.isfinite(res.z_focus)
+        and lo <= res.z_focus <= hi
+    )
+    if ok:
+        target = float(res.z_focus)
+        status, reason = "converged", res.reason
+    else:
+        status = {"restore": "restored", "stay": "stayed", "raise": "failed"}[on_failure]
+        target = z0 if on_failure in ("restore", "raise") else float((yield from bps.rd(focus)))
+        reason = f"not moved to the estimate: {res.reason} (confidence {res.confidence:.2f})"
+    yield from bps.mv(focus, target)
+    final_sharp = _sharpness_at(observations, target)
+    if ok and math.isfinite(start_sharp) and math.isfinite(final_sharp) and final_sharp < start_sharp - 0.05:
+        # the image at the estimate is less sharp than the start: go back, and say so
+        target = z0
+        yield from bps.mv(focus, target)
+        status = "restored"
+        reason = (
+            f"restored the start position: the image at the estimate ({res.z_focus:.2f} um) was "
+            f"less sharp than at the start (sharpness {final_sharp:.2f} < {start_sharp:.2f})"
+        )
+        ok = False
+    final = float((yield from bps.rd(focus)))
+    if not ok and status == "converged":
+        status = "failed"
+    result = AutofocusResult(
+        start_z=z0,
+        final_z=final,
+        dz=float(res.dz),
+        images_used=len(observations),
+        residual=float(res.residual),
+        confidence=float(res.confidence),
+        converged=bool(res.converged and ok),
+        moved=abs(final - z0) > 1e-6,
+        status=status,
+        reason=reason,
+        sharpness_start=start_sharp,
+        sharpness_final=_sharpness_at(observations, final),
+        run_uid=session.run_uid or "",
+        strategy=strategy,
+        z_measured=tuple(o.z for o in observations),
+        blur_measured=tuple(float(o.blur) for o in observations),
+        focus_map=res.focus_map,
+        sigma_um=float(res.sigma_um),
+    )
+    fmap = res.focus_map if res.focus_map is not None else np.full((1, 1), np.nan)
+    result_rec.update(
+        start_z=result.start_z,
+        final_z=result.final_z,
+        dz=result.dz,
+        images_used=result.images_used,
+        residual=result.residual,
+        confidence=result.confidence,
+        converged=result.converged,
+        moved=result.moved,
+        status=result.status,
+        reason=result.reason,
+        sharpness_start=result.sharpness_start,
+        sharpness_final=result.sharpness_final,
+        sigma_um=result.sigma_um,
+        focus_map=np.asarray(fmap, dtype=float),
+    )
+    yield from bps.create(name=session.result_stream)
+    yield from bps.read(result_rec)
+    yield from bps.save()
+    if on_failure == "raise" and not result.converged:
+        raise AutofocusFailed(
+            f"Autofocus did not converge ({result.reason}); the focus was restored to "
+            f"{z0:.3f} um. Check the field (blank? saturated?), the calibration, or use "
+            "on_failure='restore' to continue without raising."
+        )
+    return result
+
+
+def _sharpness_at(observations: list[Observation], z: float) -> float:
+    """Spectral sharpness of the image taken at ``z`` (NaN if none was taken there)."""
+    best = [o for o in observations if abs(o.z - z) < 1e-3 and o.spectrum is not None]
+    return float(best[-1].spectrum.sharpness()) if best else float("nan")  # type: ignore[union-attr]
+
+
+def _validate(min_images: int, max_images: int, on_failure: str, strategy: str, min_confidence: float) -> None:
+    if not (isinstance(min_images, int) and isinstance(max_images, int) and 1 <= min_images <= max_images):
+        raise ValueError(
+            f"Need integers 1 <= min_images <= max_images, got min_images={min_images!r}, "
+            f"max_images={max_images!r}."
+        )
+    if on_failure not in ON_FAILURE:
+        raise ValueError(f"on_failure={on_failure!r} must be one of {ON_FAILURE!r}.")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy={strategy!r} must be one of {STRATEGIES!r}.")
+    if not 0 <= min_confidence <= 1:
+        raise ValueError(f"min_confidence={min_confidence!r} must be within [0, 1].")
+
+
+def _run_returning(inner: Any, md: Mapping[str, Any]) -> Generator[Msg, Any, Any]:
+    """Like ``bpp.run_wrapper`` but returns the inner plan's value; passes it the run uid."""
+    uid = yield from bps.open_run(dict(md))
+
+    def except_plan(e: Exception) -> Generator[Msg, Any, None]:
+        if isinstance(e, RunEngineControlException):
+            yield from bps.close_run(exit_status=e.exit_status)
+        else:
+            yield from bps.close_run(exit_status="fail", reason=f"{type(e).__name__}: {e}")
+
+    def else_plan() -> Generator[Msg, Any, None]:
+        yield from bps.close_run()
+
+    return (yield from bpp.contingency_wrapper(inner(uid), except_plan=except_plan, else_plan=else_plan))
+
+
+def _base_md(plan_name: str, camera: Any, focus: Any, plan_args: dict[str, Any], extra: dict[str, Any], md: Mapping[str, Any] | None) -> dict[str, Any]:
+    _md: dict[str, Any] = {
+        "plan_name": plan_name,
+        "plan_args": plan_args,
+        "detectors": [camera.name],
+        "motors": [focus.name],
+        "hints": {"dimensions": [([focus.name], "primary")]},
+        MD_KEY: extra,
+    }
+    _md.update(md or {})
+    return _md
+
+
+def autofocus_plan(
+    camera: Any,
+    focus: Any,
+    calibration: Calibration | None,
+    *,
+    scorer: FocusFunction,
+    roi: ROI | None = None,
+    min_images: int = 3,
+    max_images: int = 8,
+    on_failure: str = "restore",
+    strategy: str = "deepfocus",
+    max_travel: float | None = None,
+    min_confidence: float = 0.5,
+    settings: DeepFocusSettings | None = None,
+    prior: tuple[float, float] | None = None,
+    settle_time: float = 0.0,
+    md: Mapping[str, Any] | None = None,
+) -> Generator[Msg, Any, AutofocusResult]:
+    """Bring the sample into focus in a few images; one run, every decision recorded.
+
+    Parameters
+    ----------
+    camera, focus
+        An :class:`~bluesky_deepfocus.devices.MMCamera` (or any readable with an ``image``
+        component) and a focus positioner with ``limits``.
+    calibration
+        The :class:`~bluesky_deepfocus.Calibration` of this objective (not needed for
+        ``strategy="brent"``).
+    scorer
+        The focus function, subscribed as a callback for the run (a
+        :class:`~bluesky_deepfocus.DeepFocusScorer` for ``"deepfocus"``/``"paper"``, any
+        classic function for ``"brent"``).
+    roi
+        ``(x, y, width, height)`` in pixels; default the whole frame.
+    min_images, max_images
+        Image budget; ``min_images == max_images == N`` uses exactly N images.
+    on_failure
+        When the estimate is not trustworthy (no focus information, low confidence, not
+        converged, beyond the bounds): ``"restore"`` the start position, ``"stay"`` where
+        the last image was taken, or ``"raise"`` :class:`~bluesky_deepfocus.AutofocusFailed`
+        (after restoring the start position). Nothing is moved blindly in any case.
+    strategy
+        ``"deepfocus"`` (ours), ``"paper"`` (the paper's algorithm) or ``"brent"``.
+    max_travel
+        Largest distance from the start position ever commanded (um); default the
+        calibration's half range. The stage limits always apply too.
+    min_confidence
+        Minimum confidence to move to the estimate.
+    settings, prior
+        Tuning of the ``"deepfocus"`` strategy; ``prior=(z, sd)`` warm-starts it.
+    settle_time
+        Seconds to wait after each move before the snap.
+    md
+        Extra metadata for the start document.
+
+    Returns
+    -------
+    AutofocusResult
+        Also recorded: every (z, blur) pair and blur map in stream ``deepfocus_scores``,
+        the decision in stream ``autofocus_result``.
+
+    Examples
+    --------
+    >>> from bluesky import RunEngine
+    >>> from bluesky_deepfocus import DeepFocusScorer
+    >>> from bluesky_deepfocus.devices import MMCamera, MMFocusStage
+    >>> from bluesky_deepfocus.plans import autofocus_plan, calibration_plan
+    >>> from bluesky_deepfocus.sim import get_simulation, simulated_microscope
+    >>> core = simulated_microscope(specimen="tissue", sensor_shape=(256, 256), seed=1)
+    >>> camera, focus = MMCamera(core, name="camera"), MMFocusStage(core, name="focus")
+    >>> RE = RunEngine(call_returns_result=True)
+    >>> scorer = DeepFocusScorer()
+    >>> cal = RE(calibration_plan(camera, focus, -150, 150, 61, scorer=scorer)).plan_result
+    >>> get_simulation(core).set_true_focus(23.0)
+    >>> result = RE(autofocus_plan(camera, focus, cal, scorer=scorer)).plan_result
+    >>> abs(focus.position - 23.0) < 1.0
+    True
+    """
+    _validate(min_images, max_images, on_failure, strategy, min_confidence)
+    if strategy != "brent":
+        calibration = _check_calibration(calibration, camera)
+    z_start = float(focus.position) if hasattr(focus, "position") else float("nan")
+    settings_dict: dict[str, Any] = dict((settings or DeepFocusSettings()).__dict__) if strategy == "deepfocus" else {}
+    extra = {
+        "calibration_uid": (calibration.uid or "") if calibration is not None else "",
+        "objective": calibration.objective if calibration is not None else str(_config_value(camera, "objective") or ""),
+        "model_id": getattr(scorer, "model_id", scorer.name),
+        "model_sha256": getattr(scorer, "model_sha256", ""),
+        "scorer": scorer.describe(),
+        "algorithm": {"strategy": strategy, "settings": settings_dict, "min_images": min_images, "max_images": max_images, "min_confidence": min_confidence},
+        "roi": list(roi) if roi is not None else None,
+        "start_z": z_start,
+        "limits": list(_limits_of(focus)) if math.isfinite(_limits_of(focus)[0]) else None,
+        "max_travel": max_travel,
+        "on_failure": on_failure,
+        "prior": list(prior) if prior is not None else None,
+    }
+    _md = _base_md(
+        "autofocus_plan",
+        camera,
+        focus,
+        {
+            "camera": repr(camera),
+            "focus": repr(focus),
+            "calibration": (calibration.uid or calibration.objective) if calibration is not None else None,
+            "roi": roi,
+            "min_images": min_images,
+            "max_images": max_images,
+            "on_failure": on_failure,
+            "strategy": strategy,
+            "max_travel": max_travel,
+        },
+        extra,
+        md,
+    )
+    _md["hints"] = {"dimensions": [([focus.name], "primary")]}
+
+    def inner(uid: str) -> Generator[Msg, Any, AutofocusResult]:
+        session = _Session("primary", SCORES_STREAM, RESULT_STREAM)
+        session.run_uid = uid
+        result = yield from autofocus_stub(
+            camera,
+            focus,
+            calibration,
+            scorer=scorer,
+            roi=roi,
+            min_images=min_images,
+            max_images=max_images,
+            on_failure=on_failure,
+            strategy=strategy,
+            max_travel=max_travel,
+            min_confidence=min_confidence,
+            settings=settings,
+            prior=prior,
+            settle_time=settle_time,
+            _session=session,
+        )
+        return result
+
+    plan = _safe_focus(focus, lambda: _run_returning(inner, _md), restore_on_error=True)
+    return (yield from bpp.stage_wrapper(plan, [camera, focus]))
+
+
+def _safe_focus(focus: Any, make_plan: Any, *, restore_on_error: bool) -> Generator[Msg, Any, Any]:
+    """Run a plan; on error, abort, stop or Ctrl-C put the focus back where it started."""
+    z0 = float(focus.position) if hasattr(focus, "position") else None
+
+    def restore() -> Generator[Msg, Any, None]:
+        if z0 is not None:
+            yield from bps.mv(focus, z0)
+
+    return (yield from bpp.contingency_wrapper(make_plan(), except_plan=lambda e: restore(), auto_raise=True)) if restore_on_error else (yield from make_plan())
+
+
+def calibration_plan(
+    camera: Any,
+    focus: Any,
+    start: float,
+    stop: float,
+    num: int,
+    *,
+    scorer: FocusFunction,
+    roi: ROI | None = None,
+    settle_time: float = 0.0,
+    min_r2: float = 0.9,
+    md: Mapping[str, Any] | None = None,
+) -> Generator[Msg, Any, Calibration]:
+    """Acquire a relative z-stack of a flat object and fit the instrument's calibration.
+
+    Like ``rel_scan``: positions ``start..stop`` (``num`` of them) relative to the current
+    focus; the focus is returned to where it was, also on error, abort or Ctrl-C.
+
+    Returns
+    -------
+    Calibration
+        Also stored: every (z, blur) pair in stream ``deepfocus_scores`` and the fitted
+        calibration (JSON) in stream ``calibration_result``; rebuild it with
+        :meth:`Calibration.from_run(catalog[uid]) <bluesky_deepfocus.Calibration.from_run>`.
+
+    Raises
+    ------
+    CalibrationError
+        No minimum inside the range, or a fit too poor to trust (the message says what to
+        change); the run is closed as failed and the focus restored.
+    ValueError
+        Bad arguments, or positions outside the focus limits (before any motion).
+    """
+    if not isinstance(num, int) or num < 7:
+        raise ValueError(f"num={num!r} must be an integer >= 7 (use ~121 over +/-13 DOF).")
+    if scorer.higher_is_sharper:
+        raise ValueError(
+            f"calibration_plan needs the DeepFocus blur score (lower is sharper); got the focus "
+            f"function {scorer.name!r}. Pass scorer=DeepFocusScorer()."
+        )
+    if not (math.isfinite(start) and math.isfinite(stop) and start < stop):
+        raise ValueError(f"Need finite start < stop (relative um), got start={start!r}, stop={stop!r}.")
+    z0 = float(focus.position)
+    lo, hi = _limits_of(focus)
+    if z0 + start < lo or z0 + stop > hi:
+        raise ValueError(
+            f"The calibration stack {z0 + start:.2f}..{z0 + stop:.2f} um leaves the focus limits "
+            f"{(lo, hi)!r}: narrow start/stop or move closer to the middle of the range. Nothing moved."
+        )
+    objective = str(_config_value(camera, "objective") or "")
+    px = _config_value(camera, "pixel_size_um")
+    extra = {
+        "objective": objective,
+        "pixel_size_um": float(px) if px else None,
+        "model_id": getattr(scorer, "model_id", scorer.name),
+        "model_sha256": getattr(scorer, "model_sha256", ""),
+        "scorer": scorer.describe(),
+        "roi": list(roi) if roi is not None else None,
+        "start_z": z0,
+        "start": start,
+        "stop": stop,
+        "num": num,
+    }
+    _md = _base_md(
+        "calibration_plan",
+        camera,
+        focus,
+        {"camera": repr(camera), "focus": repr(focus), "start": start, "stop": stop, "num": num, "roi": roi},
+        extra,
+        md,
+    )
+    positions = z0 + np.linspace(start, stop, num)
+
+    def inner(uid: str) -> Generator[Msg, Any, Calibration]:
+        session = _Session("primary", SCORES_STREAM, CALIBRATION_STREAM)
+        session.run_uid = uid
+        session.counter = {}  # type: ignore[attr-defined]
+        record = _ScoreRecord(name="deepfocus_scores")
+        old_roi = scorer.roi
+        scorer.roi = roi
+        zs: list[float] = []
+        bs: list[float] = []
+        specs: list[Any] = []
+
+        def stack() -> Generator[Msg, Any, None]:
+            for z in positions:
+                obs, _ = yield from _measure(camera, focus, scorer, float(z), roi, session, session.counter, record, settle_time)  # type: ignore[attr-defined]
+                zs.append(obs.z)
+                bs.append(obs.blur)
+                specs.append(obs.spectrum)
+
+        def cleanup() -> Generator[Msg, Any, None]:
+            yield from bps.unsubscribe(token)
+            scorer.roi = old_roi
+
+        token = yield from bps.subscribe("all", scorer)
+        yield from bpp.finalize_wrapper(stack(), cleanup)
+        yield from bps.mv(focus, z0)
+        dof = _dof_guess(objective)
+        cal = Calibration.from_stack(
+            zs,
+            bs,
+            specs,
+            objective=objective,
+            pixel_size_um=float(px) if px else float("nan"),
+            dof_um=dof,
+            model_id=getattr(scorer, "model_id", scorer.name),
+            model_sha256=getattr(scorer, "model_sha256", ""),
+            scorer=scorer.name,
+            min_r2=min_r2,
+            uid=uid,
+            metadata={"roi": list(roi) if roi is not None else None, "start_z": z0},
+        )
+        rec = _CalibrationRecord(name="calibration")
+        rec.calibration.put(json.dumps(cal.to_dict()))
+        rec.fwhm_um.put(cal.fwhm_um)
+        rec.focus_um.put(cal.focus_um)
+        rec.moffat_r2.put(cal.moffat_r2)
+        yield from bps.create(name=CALIBRATION_STREAM)
+        yield from bps.read(rec)
+        yield from bps.save()
+        return cal
+
+    plan = _safe_focus(focus, lambda: _run_returning(inner, _md), restore_on_error=True)
+    return (yield from bpp.stage_wrapper(plan, [camera, focus]))
+
+
+def _dof_guess(objective: str) -> float:
+    """Depth of field of a preset objective; NaN (estimated from the Moffat fit) otherwise."""
+    from bluesky_deepfocus.optics import OBJECTIVES
+
+    if objective in OBJECTIVES:
+        return OBJECTIVES[objective].dof_um
+    return float("nan")

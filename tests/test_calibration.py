@@ -1,0 +1,123 @@
+"""Calibration fitting, refusals with actionable messages, persistence."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from bluesky_deepfocus.calibration import Calibration, fit_moffat, moffat
+from bluesky_deepfocus.errors import CalibrationError
+
+from . import _synthetic as syn
+
+
+def stack(z, *, shift=0.0, noise=0.0, seed=0):
+    rng = np.random.default_rng(seed)
+    b = [syn.blur_score(v - shift) + rng.normal(0, noise) for v in z]
+    s = [syn.spectrum(v - shift, slope=1.5) for v in z]
+    return b, s
+
+
+def fit(z, b, s, **kw):
+    return Calibration.from_stack(
+        z, b, s, objective="synthetic", pixel_size_um=0.65, dof_um=syn.DOF, model_id="m", **kw
+    )
+
+
+def test_moffat_fit_recovers_parameters():
+    z = np.linspace(-50, 50, 101)
+    y = moffat(z, 2.0, 3.0, 4.0, 0.5, 0.1)
+    p, r2 = fit_moffat(z, y)
+    assert r2 > 0.9999
+    assert p["center"] == pytest.approx(3.0, abs=1e-3)
+    assert p["fwhm"] == pytest.approx(2 * 4.0 * np.sqrt(2**2 - 1), rel=1e-3)
+
+
+def test_calibration_centres_on_focus_and_fits_moffat():
+    z = np.linspace(-150, 150, 121) + 7.3  # stage positions around a focus at 7.3 um
+    b, s = stack(z, shift=7.3)
+    cal = fit(z, b, s)
+    assert cal.focus_um == pytest.approx(7.3, abs=0.05)
+    assert cal.center_method == "spectral-symmetry"
+    assert cal.moffat_r2 > 0.99
+    # for r = sqrt(r0^2 + (a z)^2), 1/r is a Moffat with beta 1/2 and alpha = r0 / a
+    assert cal.moffat_params["beta"] == pytest.approx(0.5, rel=0.05)
+    assert cal.fwhm_um == pytest.approx(2 * np.sqrt(3) * syn.R0 / syn.A, rel=0.05)
+    assert np.nanargmin(cal.b_calib(cal.z_um)) == np.argmin(np.abs(cal.z_um))
+
+
+def test_minimum_at_the_end_of_the_stack_is_refused():
+    z = np.linspace(0, 100, 41)
+    b, s = stack(z, shift=-20.0)
+    with pytest.raises(CalibrationError, match="minimum is at the end of the stack.*closer to focus or widen"):
+        fit(z, b, s)
+
+
+def test_irregular_curve_is_refused():
+    z = np.linspace(-100, 100, 41)
+    rng = np.random.default_rng(1)
+    b = list(rng.uniform(0, 3, len(z)))
+    b[20] = -1.0
+    s = [syn.spectrum(0.0) for _ in z]
+    with pytest.raises(CalibrationError, match="too irregular to trust.*textured, well-exposed"):
+        fit(z, b, s)
+
+
+def test_too_few_frames_and_blank_stack_are_refused():
+    z = np.linspace(-10, 10, 5)
+    b, s = stack(z)
+    with pytest.raises(CalibrationError, match="at least 7 frames"):
+        fit(z, b, s)
+    z = np.linspace(-100, 100, 21)
+    _, s = stack(z)
+    with pytest.raises(CalibrationError, match="hold focus information.*exposure"):
+        fit(z, [float("nan")] * len(z), s)
+
+
+def test_roundtrip_json(tmp_path):
+    z = np.linspace(-150, 150, 61)
+    b, s = stack(z, noise=0.01)
+    cal = fit(z, b, s, uid="abc")
+    path = cal.save(tmp_path / "cal.json")
+    back = Calibration.load(path)
+    assert back.uid == "abc"
+    np.testing.assert_allclose(back.z_um, cal.z_um)
+    np.testing.assert_allclose(back.log_signal, cal.log_signal, equal_nan=True)
+    zq = np.linspace(-20, 20, 9)
+    np.testing.assert_allclose(back.b_calib(zq), cal.b_calib(zq))
+    t1, _, _ = cal.transfer_table(zq)
+    t2, _, _ = back.transfer_table(zq)
+    np.testing.assert_allclose(t1, t2, equal_nan=True)
+
+
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda d: d.pop("z_um"), "corrupted or truncated"),
+        (lambda d: d.update(format="something-else"), "Not a calibration"),
+        (lambda d: d.update(z_um=d["z_um"][::-1]), "not increasing"),
+        (lambda d: d.update(edges=d["edges"][:-1]), "other spectral bins"),
+        (lambda d: d.update(blur=d["blur"][:3]), "inconsistent lengths"),
+    ],
+)
+def test_corrupted_calibration_data_is_refused(tmp_path, mutate, match):
+    z = np.linspace(-150, 150, 31)
+    b, s = stack(z)
+    d = fit(z, b, s).to_dict()
+    mutate(d)
+    with pytest.raises(CalibrationError, match=match):
+        Calibration.from_dict(d)
+
+
+def test_truncated_or_missing_file_is_refused(tmp_path):
+    z = np.linspace(-150, 150, 31)
+    b, s = stack(z)
+    text = json.dumps(fit(z, b, s).to_dict())
+    p = tmp_path / "cal.json"
+    p.write_text(text[: len(text) // 2])
+    with pytest.raises(CalibrationError, match="not valid JSON.*Recalibrate"):
+        Calibration.load(p)
+    with pytest.raises(CalibrationError, match="does not exist; run calibration_plan"):
+        Calibration.load(tmp_path / "nope.json")

@@ -1,0 +1,161 @@
+"""The search strategies on closed-form curves: exact recovery, noise, bounds, budgets."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bluesky_deepfocus.search import (
+    BrentSearch,
+    DeepFocusSearch,
+    DeepFocusSettings,
+    Observation,
+    PaperSearch,
+    make_search,
+)
+
+from . import _synthetic as syn
+
+
+@pytest.fixture(scope="module")
+def cal():
+    return syn.calibration()
+
+
+def drive(search, focus, **kw):
+    while (z := search.ask()) is not None:
+        search.tell(syn.observe(z, focus, **kw))
+    return search.result()
+
+
+@pytest.mark.parametrize("focus", [-57.3, -12.0, 0.4, 23.9, 58.0])
+def test_ours_recovers_focus_exactly_without_noise(cal, focus):
+    res = drive(DeepFocusSearch(cal, start=0.0, lo=-150, hi=150, max_images=6), focus)
+    assert res.converged
+    assert abs(res.z_focus - focus) < 0.05
+    assert res.images <= 6
+
+
+@pytest.mark.parametrize("offset", [-0.4, 0.4])
+def test_ours_cancels_the_specimen_offset_paper_does_not(cal, offset):
+    """A specimen whose raw CNN scores sit `offset` above the calibration curve, and whose
+    spectrum has another slope: relative information cancels it, raw matching does not."""
+    focus = 31.0
+    ours = drive(DeepFocusSearch(cal, start=0.0, lo=-150, hi=150, max_images=6), focus, offset=offset)
+    paper = drive(PaperSearch(cal, start=0.0, lo=-150, hi=150, min_images=3, max_images=6), focus, offset=offset)
+    assert abs(ours.z_focus - focus) < 0.1
+    assert abs(paper.z_focus - focus) > max(0.5, 5 * abs(ours.z_focus - focus))
+
+
+def test_paper_recovers_focus_when_specimen_matches(cal):
+    res = drive(PaperSearch(cal, start=0.0, lo=-150, hi=150, min_images=3, max_images=8), 17.0)
+    assert abs(res.z_focus - 17.0) < 0.3
+
+
+def test_ours_is_graceful_with_noise(cal):
+    rng = np.random.default_rng(4)
+    errs = []
+    for focus in rng.uniform(-60, 60, 12):
+        res = drive(
+            DeepFocusSearch(cal, start=0.0, lo=-150, hi=150, max_images=6), float(focus), rng=rng, blur_noise=0.1
+        )
+        assert np.isfinite(res.z_focus)
+        errs.append(abs(res.z_focus - focus))
+    assert np.mean(errs) < 0.5
+    assert np.max(errs) < 2.0
+
+
+def test_exact_budget_is_honoured(cal):
+    for n in (2, 3, 5):
+        res = drive(DeepFocusSearch(cal, start=0.0, lo=-150, hi=150, min_images=n, max_images=n), 20.0)
+        assert res.images == n
+        res = drive(PaperSearch(cal, start=0.0, lo=-150, hi=150, min_images=n, max_images=n), 20.0)
+        assert res.images == n
+
+
+def test_blank_field_moves_nowhere_blindly(cal):
+    s = DeepFocusSearch(cal, start=0.0, lo=-150, hi=150, max_images=5)
+    while (z := s.ask()) is not None:
+        s.tell(Observation(z=z))  # no CNN information, no spectrum
+    res = s.result()
+    assert not res.converged
+    assert res.confidence == 0.0
+    assert "no focus information" in res.reason
+    assert res.z_focus == 0.0
+
+
+def test_warm_start_prior_refocuses_in_three_images(cal):
+    """Timelapse refocus: the last result as prior, a budget of 3 images."""
+    for truth in (2.0, -3.1, 0.2):
+        warm = drive(
+            DeepFocusSearch(cal, start=0.0, lo=-150, hi=150, min_images=2, max_images=3, prior=(0.0, 4.0)),
+            truth,
+        )
+        assert warm.images <= 3
+        assert abs(warm.z_focus - truth) < 0.15
+
+
+def test_brent_finds_the_sharpest_position():
+    f = 12.3
+    s = BrentSearch(start=0.0, lo=-60, hi=60, xtol=0.05, max_images=40)
+    while (z := s.ask()) is not None:
+        s.tell(Observation(z=z, sharpness=-((z - f) ** 2)))
+    res = s.result()
+    assert abs(res.z_focus - f) < 0.1
+    assert res.converged
+
+
+def test_search_argument_validation(cal):
+    with pytest.raises(ValueError, match="outside the search bounds"):
+        DeepFocusSearch(cal, start=200.0, lo=-150, hi=150)
+    with pytest.raises(ValueError, match="min_images <= max_images"):
+        DeepFocusSearch(cal, start=0.0, lo=-150, hi=150, min_images=5, max_images=3)
+    with pytest.raises(ValueError, match="Unknown strategy 'gss'"):
+        make_search("gss", cal, start=0.0, lo=-1, hi=1)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    lo=st.floats(-300, 0),
+    width=st.floats(0.5, 400),
+    frac=st.floats(0, 1),
+    max_images=st.integers(1, 10),
+    strategy=st.sampled_from(["deepfocus", "paper", "brent"]),
+    seed=st.integers(0, 2**16),
+    blanks=st.floats(0, 1),
+)
+def test_never_outside_bounds_and_always_terminates(cal, lo, width, frac, max_images, strategy, seed, blanks):
+    """Hostile input: arbitrary bounds, adversarial (random, NaN, inf, huge) scores and
+    spectra. The search never proposes a position outside [lo, hi] and stops within
+    max_images asks."""
+    rng = np.random.default_rng(seed)
+    hi = lo + width
+    start = lo + frac * width
+    kw = {"start": start, "lo": lo, "hi": hi, "min_images": 1, "max_images": max_images}
+    s = make_search(strategy, cal, **kw)
+    asked = 0
+    while (z := s.ask()) is not None:
+        asked += 1
+        assert lo <= z <= hi
+        assert asked <= max_images
+        choice = rng.random()
+        if choice < blanks * 0.5:
+            obs = Observation(z=z)
+        else:
+            b = float(rng.choice([rng.normal(1, 3), np.nan, np.inf, -np.inf, 1e9]))
+            spec = syn.spectrum(float(rng.uniform(-200, 200)), slope=float(rng.uniform(0, 4)), rng=rng)
+            obs = Observation(z=z, blur=b, spectrum=spec if rng.random() < 0.7 else None, sharpness=b)
+        s.tell(obs)
+    res = s.result()
+    assert asked <= max_images
+    assert math.isnan(res.z_focus) or lo - 1e-9 <= res.z_focus <= hi + 1e-9
+
+
+def test_settings_are_recorded(cal):
+    s = DeepFocusSearch(cal, start=0.0, lo=-10, hi=10, settings=DeepFocusSettings(tol_dof=0.05))
+    rec = s.settings()
+    assert rec["tol_dof"] == 0.05 and rec["name"] == "deepfocus" and rec["lo"] == -10
