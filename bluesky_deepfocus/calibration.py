@@ -39,7 +39,9 @@ __all__ = ["Calibration", "fit_moffat", "moffat"]
 FORMAT = "bluesky-deepfocus-calibration/1"
 
 
-def moffat(z: ArrayLike, amplitude: float, center: float, alpha: float, beta: float, background: float) -> NDArray[np.float64]:
+def moffat(
+    z: ArrayLike, amplitude: float, center: float, alpha: float, beta: float, background: float
+) -> NDArray[np.float64]:
     """Moffat profile ``background + amplitude * (1 + ((z - center)/alpha)^2)^-beta``."""
     u = (np.asarray(z, dtype=float) - center) / alpha
     return background + amplitude * (1.0 + u * u) ** (-beta)
@@ -47,29 +49,40 @@ def moffat(z: ArrayLike, amplitude: float, center: float, alpha: float, beta: fl
 
 def fit_moffat(z: ArrayLike, y: ArrayLike) -> tuple[dict[str, float], float]:
     """Least-squares Moffat fit; returns parameters (with ``fwhm``) and R^2."""
-    z = np.asarray(z, dtype=float)
-    y = np.asarray(y, dtype=float)
-    ok = np.isfinite(y)
-    z, y = z[ok], y[ok]
-    if len(z) < 5:
-        raise CalibrationError(f"Only {len(z)} informative frames; a Moffat fit needs at least 5.")
-    i = int(np.argmax(y))
-    span = float(z.max() - z.min())
-    p0 = [float(y[i] - y.min()), float(z[i]), span / 20, 0.5, float(y.min())]
-    bounds = ([0, z.min(), span / 2000, 0.1, -np.inf], [np.inf, z.max(), span, 5.0, np.inf])
+    za = np.asarray(z, dtype=float)
+    ya = np.asarray(y, dtype=float)
+    ok = np.isfinite(ya)
+    zz, yy = za[ok], ya[ok]
+    if len(zz) < 5:
+        raise CalibrationError(
+            f"Only {len(zz)} informative frames; a Moffat fit needs at least 5."
+        )
+    i = int(np.argmax(yy))
+    span = float(zz.max() - zz.min())
+    p0 = [float(yy[i] - yy.min()), float(zz[i]), span / 20, 0.5, float(yy.min())]
+    bounds = ([0, zz.min(), span / 2000, 0.1, -np.inf], [np.inf, zz.max(), span, 5.0, np.inf])
     try:
-        p, _ = optimize.curve_fit(moffat, z, y, p0=p0, bounds=bounds, maxfev=20000)
+        p, _ = optimize.curve_fit(moffat, zz, yy, p0=p0, bounds=bounds, maxfev=20000)
     except (RuntimeError, ValueError) as exc:
         raise CalibrationError(f"The Moffat fit of the calibration curve failed ({exc}).") from exc
-    resid = y - moffat(z, *p)
-    ss = float(((y - y.mean()) ** 2).sum())
+    resid = yy - moffat(zz, *p)
+    ss = float(((yy - yy.mean()) ** 2).sum())
     r2 = 1.0 - float((resid**2).sum()) / ss if ss > 0 else 0.0
     amp, c, a, b, bg = (float(v) for v in p)
     fwhm = 2 * a * math.sqrt(2 ** (1 / b) - 1)
-    return {"amplitude": amp, "center": c, "alpha": a, "beta": b, "background": bg, "fwhm": fwhm}, r2
+    return {
+        "amplitude": amp,
+        "center": c,
+        "alpha": a,
+        "beta": b,
+        "background": bg,
+        "fwhm": fwhm,
+    }, r2
 
 
-def _interp_columns(zq: NDArray[np.float64], z: NDArray[np.float64], table: NDArray[np.float64], max_gap: float) -> NDArray[np.float64]:
+def _interp_columns(
+    zq: NDArray[np.float64], z: NDArray[np.float64], table: NDArray[np.float64], max_gap: float
+) -> NDArray[np.float64]:
     """Linear interpolation of each column of ``table`` (NaN = missing) at ``zq``.
 
     A query is NaN when either neighbour is missing or lies farther than ``max_gap``.
@@ -278,7 +291,9 @@ class Calibration:
         j = np.clip(np.floor(pos).astype(int), 0, len(zd) - 2)
         t = (pos - j)[:, None]
         a, b = Td[j], Td[j + 1]
-        val = np.where(np.isfinite(a) & np.isfinite(b), (1 - t) * a + t * b, np.where(t < 0.5, a, b))
+        val = np.where(
+            np.isfinite(a) & np.isfinite(b), (1 - t) * a + t * b, np.where(t < 0.5, a, b)
+        )
         w = np.where(np.isfinite(val), (1 - t) * Wd[j] + t * Wd[j + 1], 0.0)
         lim = (1 - t) * Bd[j] + t * Bd[j + 1]
         return val, w, lim
@@ -304,7 +319,9 @@ class Calibration:
                     Td[sel, k] = np.interp(zd[sel], zs, ts)
                 else:
                     Td[np.abs(zd - zs[0]) <= (zd[1] - zd[0]) / 2, k] = ts[0]
-        Wd = np.stack([np.interp(zd, z, self.signal_weight[:, k]) for k in range(T.shape[1])], axis=1)
+        Wd = np.stack(
+            [np.interp(zd, z, self.signal_weight[:, k]) for k in range(T.shape[1])], axis=1
+        )
         B = self._bounds()
         Bd = np.stack([np.interp(zd, z, B[:, k]) for k in range(T.shape[1])], axis=1)
         Bd = np.where(np.isfinite(Td), Td, Bd)
@@ -479,7 +496,11 @@ class Calibration:
 
 
 def _symmetric_center(
-    z: NDArray[np.float64], logs: NDArray[np.float64], weights: NDArray[np.float64], guess: float, step: float
+    z: NDArray[np.float64],
+    logs: NDArray[np.float64],
+    weights: NDArray[np.float64],
+    guess: float,
+    step: float,
 ) -> tuple[float, float]:
     """Position about which the stack's log spectra are most symmetric (weighted RMS)."""
     span = min(guess - z[0], z[-1] - guess)
@@ -503,5 +524,10 @@ def _symmetric_center(
     if not np.any(np.isfinite(costs)):
         return float("nan"), float("nan")
     c0 = float(grid[int(np.nanargmin(costs))])
-    res = optimize.minimize_scalar(cost, bounds=(c0 - step / 4, c0 + step / 4), method="bounded", options={"xatol": step / 200})
+    res = optimize.minimize_scalar(
+        cost,
+        bounds=(c0 - step / 4, c0 + step / 4),
+        method="bounded",
+        options={"xatol": step / 200},
+    )
     return float(res.x), float(res.fun)

@@ -2,9 +2,10 @@
 
 The six functions of the DeepFocus paper's Table 1 -- HPF, Tenengrad, LAPV, EWC, SML,
 WS -- plus Brenner, normalized variance and Vollath's F4. All are "higher is sharper"
-and computed per patch. Each is divided by the patch's squared mean intensity (or its
-mean, for the variance-like ones) so that exposure and gain do not change it; the
-comparisons in the benchmarks normalize curves per specimen anyway.
+and computed per patch. All but normalized variance are divided by the patch's squared
+mean intensity (or its mean, for SML) so that exposure and gain do not change them;
+normalized variance keeps its classic definition (variance / mean), which scales with
+gain. The benchmarks normalize curves per specimen anyway.
 
 References
 ----------
@@ -40,7 +41,7 @@ __all__ = [
     "get_focus_function",
 ]
 
-P = NDArray[np.float32]
+P = NDArray[np.floating]
 
 
 def _mean2(p: P) -> NDArray[np.float64]:
@@ -66,7 +67,7 @@ class _Classic(FocusFunction):
 
     def _score_patches(self, patches: P) -> NDArray[np.float64]:
         p = patches.astype(np.float64)
-        return type(self)._fn(p)  # type: ignore[call-arg]
+        return type(self)._fn(p)
 
 
 class HPF(_Classic):
@@ -172,7 +173,7 @@ class VollathF4(_Classic):
 
     @staticmethod
     def _fn(p):
-        a = (p[:, :, :-1] * p[:, :, 1:]).mean(axis=(1, 2))
+        a = (p[:, :, :-2] * p[:, :, 1:-1]).mean(axis=(1, 2))  # same window for both lags
         b = (p[:, :, :-2] * p[:, :, 2:]).mean(axis=(1, 2))
         return (a - b) / _mean2(p)
 

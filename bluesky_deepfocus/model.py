@@ -2,11 +2,13 @@
 whether the patch holds focus information at all.
 
 Target
-    ``ln r`` where ``r = sqrt(r_geo^2 + r_airy^2 + 0.25)`` px is the effective blur radius
-    in *pixels* (:meth:`bluesky_deepfocus.optics.Objective.blur_radius_px`). Unlike the
-    Zernike defocus coefficient of the paper, this is determined by the pixels alone when
-    the pixel size relative to the optical resolution is unknown, so one network serves
-    every objective; the calibration maps it to micrometres.
+    ``ln r`` where ``r = sqrt(2 r50^2 + 0.25)`` is the blur radius in *pixels* of the
+    actual PSF (``r50``: its 50 % encircled-energy radius; ``sqrt(2) r50`` is the radius of
+    a uniform defocus disc, so far from focus ``r`` is the geometric blur radius, and near
+    focus it includes diffraction, aberrations and the pixel's own half-width). Unlike the Zernike
+    defocus coefficient of the paper, this is determined by the pixels alone when the pixel
+    size relative to the optical resolution is unknown, so one network serves every
+    objective; the calibration maps it to micrometres.
 
 Architecture
     Two compact branches over the same standardized patch, fused by a small head:
@@ -156,17 +158,22 @@ class DeepFocusNet(nn.Module):
         self.register_buffer("_ridx", _radial_index(PATCH, config.spectral_bins), persistent=False)
         win = torch.hann_window(PATCH, periodic=False)
         self.register_buffer("_win", torch.outer(win, win), persistent=False)
-        counts = torch.bincount(self._ridx, minlength=config.spectral_bins + 1).float()
+        counts = torch.bincount(
+            _radial_index(PATCH, config.spectral_bins), minlength=config.spectral_bins + 1
+        ).float()
         self.register_buffer("_rcount", counts, persistent=False)
 
     def spectrum(self, x: torch.Tensor) -> torch.Tensor:
         """Radially averaged log power spectrum of standardized patches, ``(N, bins)``."""
         bins = self.config.spectral_bins
-        p = torch.fft.rfft2(x[:, 0] * self._win)
+        win: torch.Tensor = self._win  # type: ignore[assignment]
+        ridx: torch.Tensor = self._ridx  # type: ignore[assignment]
+        rcount: torch.Tensor = self._rcount  # type: ignore[assignment]
+        p = torch.fft.rfft2(x[:, 0] * win)
         power = (p.real**2 + p.imag**2).flatten(1)
         sums = torch.zeros(x.shape[0], bins + 1, device=x.device, dtype=power.dtype)
-        sums.index_add_(1, self._ridx, power)
-        prof = torch.log(sums[:, 1:bins] / self._rcount[1:bins] + 1e-6)
+        sums.index_add_(1, ridx, power)
+        prof = torch.log(sums[:, 1:bins] / rcount[1:bins] + 1e-6)
         prof = torch.cat([prof, prof[:, -1:]], dim=1)  # pad to `bins`
         return prof - prof.mean(dim=1, keepdim=True)
 
@@ -301,5 +308,3 @@ def count_macs(model: DeepFocusNet) -> int:
     for h in hs:
         h.remove()
     return total
-
-

@@ -64,7 +64,9 @@ def fit_focus_plane(
     xx = (xx - (cols - 1) / 2) * patch_size * pixel_size_um
     ok = np.isfinite(fm)
     if ok.sum() < 3:
-        raise ValueError(f"Need at least 3 informative patches to fit a plane, got {int(ok.sum())}.")
+        raise ValueError(
+            f"Need at least 3 informative patches to fit a plane, got {int(ok.sum())}."
+        )
     A = np.column_stack([np.ones(ok.sum()), xx[ok], yy[ok]])
     coef, *_ = np.linalg.lstsq(A, fm[ok], rcond=None)
     return float(coef[0]), float(coef[1]), float(coef[2])

@@ -172,7 +172,7 @@ class DeepFocusScorer(FocusFunction):
             small = _block_mean(img, s)
             if min(small.shape) < PATCH:
                 break
-            prow, pcol, py0, px0 = patch_grid(small.shape, PATCH)  # type: ignore[arg-type]
+            prow, pcol, py0, px0 = patch_grid((small.shape[0], small.shape[1]), PATCH)
             # which coarse patch covers each fine patch centre
             i = np.clip(((cy / s - py0) // PATCH).astype(int), 0, prow - 1)
             j = np.clip(((cx / s - px0) // PATCH).astype(int), 0, pcol - 1)

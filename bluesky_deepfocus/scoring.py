@@ -23,8 +23,8 @@ from numpy.typing import ArrayLike, NDArray
 from .errors import ImageError
 
 __all__ = [
-    "FocusFunction",
     "ROI",
+    "FocusFunction",
     "ScoreResult",
     "ScoredImage",
     "check_image",
@@ -58,6 +58,13 @@ class ScoreResult:
     scorer: str
     higher_is_sharper: bool
     extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def ungated(self) -> float:
+        """Median of the whole map, ignoring confidences (for comparisons with functions
+        that have no notion of confidence; not used for decisions)."""
+        v = self.blur_map[np.isfinite(self.blur_map)]
+        return float(np.median(v)) if v.size else float("nan")
 
     @property
     def informative(self) -> bool:
@@ -95,7 +102,9 @@ class ScoredImage:
     result: ScoreResult
 
 
-def check_image(image: ArrayLike, min_size: int = 1, *, rgb: str = "luminance") -> NDArray[np.float32]:
+def check_image(
+    image: ArrayLike, min_size: int = 1, *, rgb: str = "luminance"
+) -> NDArray[np.float32]:
     """Validate a camera frame and return it as a 2-D float32 array.
 
     Raises
@@ -141,7 +150,9 @@ def check_image(image: ArrayLike, min_size: int = 1, *, rgb: str = "luminance") 
     return out
 
 
-def crop_roi(image: NDArray[np.float32], roi: ROI | None, min_size: int) -> tuple[NDArray[np.float32], tuple[int, int]]:
+def crop_roi(
+    image: NDArray[np.float32], roi: ROI | None, min_size: int
+) -> tuple[NDArray[np.float32], tuple[int, int]]:
     """Crop ``(x, y, width, height)``; returns the crop and its top-left ``(y, x)``."""
     if roi is None:
         return image, (0, 0)
@@ -166,8 +177,10 @@ def patch_grid(shape: tuple[int, int], patch: int) -> tuple[int, int, int, int]:
     return rows, cols, (shape[0] - rows * patch) // 2, (shape[1] - cols * patch) // 2
 
 
-def to_patches(img: NDArray[np.float32], patch: int) -> tuple[NDArray[np.float32], tuple[int, int, int, int]]:
-    rows, cols, y0, x0 = patch_grid(img.shape, patch)  # type: ignore[arg-type]
+def to_patches(
+    img: NDArray[np.float32], patch: int
+) -> tuple[NDArray[np.float32], tuple[int, int, int, int]]:
+    rows, cols, y0, x0 = patch_grid((img.shape[0], img.shape[1]), patch)
     sub = img[y0 : y0 + rows * patch, x0 : x0 + cols * patch]
     p = sub.reshape(rows, patch, cols, patch).transpose(0, 2, 1, 3).reshape(-1, patch, patch)
     return p, (rows, cols, y0, x0)
@@ -188,13 +201,16 @@ def structure_snr(patches: NDArray[np.float32]) -> NDArray[np.float64]:
     """Signal standard deviation over an estimate of the noise, per patch.
 
     The noise is estimated from diagonal pixel differences (median absolute deviation),
-    which pure noise dominates; a blank, dark or flat patch scores ~1 or less.
+    which pure noise dominates; a blank, dark or flat patch scores ~1 or less, and an
+    exactly constant patch 0.
     """
     d = patches[:, 1:, 1:] - patches[:, :-1, :-1]
     mad = np.median(np.abs(d - np.median(d, axis=(1, 2), keepdims=True)), axis=(1, 2))
     noise = 1.4826 * mad / math.sqrt(2.0)
-    std = patches.std(axis=(1, 2))
-    return np.where(std > 0, std / np.maximum(noise, 1e-6 * np.maximum(std, 1e-12)), 0.0)
+    std = patches.std(axis=(1, 2), dtype=np.float64)
+    flat = patches.max(axis=(1, 2)) == patches.min(axis=(1, 2))
+    snr = np.where(std > 0, std / np.maximum(noise, 1e-6 * np.maximum(std, 1e-12)), 0.0)
+    return np.where(flat, 0.0, snr)
 
 
 class FocusFunction:
@@ -208,7 +224,10 @@ class FocusFunction:
         Event data keys of the camera image and the focus position when used as a
         callback; default: the first 2-D array field, and the run's first motor.
     min_snr
-        Patches whose structure SNR (:func:`structure_snr`) is below this have confidence 0.
+        Patches whose structure SNR (:func:`structure_snr`) is below this have confidence
+        0 (pure noise scores ~1); the confidence reaches 1 at ``min_snr + 0.4``. Only
+        blank, dark, flat or saturated patches are excluded: an in-focus undersampled
+        texture inflates the noise estimate, so the threshold stays close to 1.
     saturation
         Pixel value counted as saturated (default: the dtype's maximum for integer frames).
     roi
@@ -226,7 +245,7 @@ class FocusFunction:
         patch_size: int = 128,
         image_key: str | None = None,
         position_key: str | None = None,
-        min_snr: float = 1.5,
+        min_snr: float = 1.1,
         saturation: float | None = None,
         max_saturated_fraction: float = 0.3,
         roi: ROI | None = None,
@@ -251,7 +270,9 @@ class FocusFunction:
     def _score_patches(self, patches: NDArray[np.float32]) -> NDArray[np.float64]:
         raise NotImplementedError
 
-    def _saturated_fraction(self, patches: NDArray[np.float32], sat: float | None) -> NDArray[np.float64]:
+    def _saturated_fraction(
+        self, patches: NDArray[np.float32], sat: float | None
+    ) -> NDArray[np.float64]:
         if sat is None:
             return np.zeros(len(patches))
         return (patches >= sat).mean(axis=(1, 2))
@@ -272,15 +293,27 @@ class FocusFunction:
         patches, (rows, cols, y0, x0) = to_patches(img, self.patch_size)
         values = np.asarray(self._score_patches(patches), dtype=np.float64)
         snr = structure_snr(patches)
-        conf = np.clip((snr - self.min_snr) / self.min_snr, 0.0, 1.0)
+        conf = np.clip((snr - self.min_snr) / 0.4, 0.0, 1.0)
         conf[self._saturated_fraction(patches, sat) > self.max_saturated_fraction] = 0.0
         return self._result(values, conf, rows, cols, (oy + y0, ox + x0))
 
-    def _result(self, values: NDArray, conf: NDArray, rows: int, cols: int, origin: tuple[int, int], **extra: Any) -> ScoreResult:
+    def _result(
+        self,
+        values: NDArray,
+        conf: NDArray,
+        rows: int,
+        cols: int,
+        origin: tuple[int, int],
+        **extra: Any,
+    ) -> ScoreResult:
         values = values.reshape(rows, cols)
         conf = conf.reshape(rows, cols)
         confident = conf >= self.min_confidence
-        score = weighted_median(values[confident], conf[confident]) if np.any(confident) else float("nan")
+        score = (
+            weighted_median(values[confident], conf[confident])
+            if np.any(confident)
+            else float("nan")
+        )
         return ScoreResult(
             score=score,
             blur_map=values,
@@ -294,7 +327,11 @@ class FocusFunction:
 
     def describe(self) -> dict[str, Any]:
         """Settings to record with the data (start document)."""
-        return {"name": self.name, "patch_size": self.patch_size, "higher_is_sharper": self.higher_is_sharper}
+        return {
+            "name": self.name,
+            "patch_size": self.patch_size,
+            "higher_is_sharper": self.higher_is_sharper,
+        }
 
     # -- Bluesky callback -------------------------------------------------------------
     def __call__(self, name: str, doc: Mapping[str, Any]) -> None:
@@ -354,7 +391,14 @@ class FocusFunction:
         run_uid = self._run_of_descriptor(doc.get("descriptor", ""))
         with self._lock:
             self.results.append(
-                ScoredImage(run_uid, stream, int(doc.get("seq_num", 0)), z, float(doc.get("time", 0.0)), result)
+                ScoredImage(
+                    run_uid,
+                    stream,
+                    int(doc.get("seq_num", 0)),
+                    z,
+                    float(doc.get("time", 0.0)),
+                    result,
+                )
             )
 
     def _on_event_page(self, doc: Mapping[str, Any]) -> None:
@@ -372,13 +416,17 @@ class FocusFunction:
     def _run_of_descriptor(self, desc_uid: str) -> str:
         return self._desc_run.get(desc_uid, "")
 
-    def results_for(self, run_uid: str | None = None, stream: str | None = None) -> list[ScoredImage]:
+    def results_for(
+        self, run_uid: str | None = None, stream: str | None = None
+    ) -> list[ScoredImage]:
         """Scored images of a run (default: the latest run seen) and stream."""
         with self._lock:
             items = list(self.results)
         if run_uid is None and items:
             run_uid = items[-1].run_uid
-        return [r for r in items if r.run_uid == run_uid and (stream is None or r.stream == stream)]
+        return [
+            r for r in items if r.run_uid == run_uid and (stream is None or r.stream == stream)
+        ]
 
     @property
     def latest(self) -> ScoredImage | None:

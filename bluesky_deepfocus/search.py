@@ -117,7 +117,9 @@ class Search(ABC):
 
     name = "search"
 
-    def __init__(self, *, start: float, lo: float, hi: float, min_images: int = 3, max_images: int = 8) -> None:
+    def __init__(
+        self, *, start: float, lo: float, hi: float, min_images: int = 3, max_images: int = 8
+    ) -> None:
         if not (np.isfinite(start) and np.isfinite(lo) and np.isfinite(hi)):
             raise ValueError(f"start/lo/hi must be finite, got {start!r}, {lo!r}, {hi!r}.")
         if not lo <= start <= hi:
@@ -172,7 +174,13 @@ class Search(ABC):
     def result(self) -> SearchResult: ...
 
     def settings(self) -> dict[str, Any]:
-        return {"name": self.name, "min_images": self.min_images, "max_images": self.max_images, "lo": self.lo, "hi": self.hi}
+        return {
+            "name": self.name,
+            "min_images": self.min_images,
+            "max_images": self.max_images,
+            "lo": self.lo,
+            "hi": self.hi,
+        }
 
 
 class _GeneratorSearch(Search):
@@ -225,7 +233,16 @@ class BrentSearch(_GeneratorSearch):
 
     name = "brent"
 
-    def __init__(self, *, start: float, lo: float, hi: float, xtol: float = 0.1, min_images: int = 3, max_images: int = 20) -> None:
+    def __init__(
+        self,
+        *,
+        start: float,
+        lo: float,
+        hi: float,
+        xtol: float = 0.1,
+        min_images: int = 3,
+        max_images: int = 20,
+    ) -> None:
         super().__init__(start=start, lo=lo, hi=hi, min_images=min_images, max_images=max_images)
         self.xtol = float(xtol)
 
@@ -281,11 +298,19 @@ class BrentSearch(_GeneratorSearch):
                     v, fv = u, fu
 
     def result(self) -> SearchResult:
-        vals = [(-o.sharpness if np.isfinite(o.sharpness) else np.inf, o.z) for o in self.observations]
+        vals = [
+            (-o.sharpness if np.isfinite(o.sharpness) else np.inf, o.z) for o in self.observations
+        ]
         if not vals or not np.isfinite(min(vals)[0]):
             return SearchResult(
-                self.start, 0.0, float("nan"), float("nan"), 0.0, False,
-                "no image held focus information", self.n,
+                self.start,
+                0.0,
+                float("nan"),
+                float("nan"),
+                0.0,
+                False,
+                "no image held focus information",
+                self.n,
             )
         best = min(vals)[1]
         zs = sorted(o.z for o in self.observations)
@@ -352,7 +377,16 @@ class PaperSearch(Search):
 
     name = "paper"
 
-    def __init__(self, calibration: Calibration, *, start: float, lo: float, hi: float, min_images: int = 3, max_images: int = 8) -> None:
+    def __init__(
+        self,
+        calibration: Calibration,
+        *,
+        start: float,
+        lo: float,
+        hi: float,
+        min_images: int = 3,
+        max_images: int = 8,
+    ) -> None:
         super().__init__(start=start, lo=lo, hi=hi, min_images=min_images, max_images=max_images)
         self.cal = calibration
         self.step = 2 * calibration.fwhm_um
@@ -401,7 +435,16 @@ class PaperSearch(Search):
     def result(self) -> SearchResult:
         z, b = self._arrays()
         if np.sum(np.isfinite(b)) == 0:
-            return SearchResult(self.start, 0.0, float("nan"), float("nan"), 0.0, False, "no image held focus information", self.n)
+            return SearchResult(
+                self.start,
+                0.0,
+                float("nan"),
+                float("nan"),
+                0.0,
+                False,
+                "no image held focus information",
+                self.n,
+            )
         grid = self._grid()
         f, rms = _match_raw(self.cal, z, b, grid)
         f = float(np.clip(f, self.lo, self.hi))
@@ -424,7 +467,9 @@ class PaperSearch(Search):
             residual=rms,
             confidence=1.0 if convex else 0.5,
             converged=convex,
-            reason="convex triplet matched to calibration" if convex else "matched without a convex bracket",
+            reason="convex triplet matched to calibration"
+            if convex
+            else "matched without a convex bracket",
             images=self.n,
             focus_map=fmap,
         )
@@ -476,7 +521,7 @@ class DeepFocusSearch(Search):
         self.s = settings or DeepFocusSettings()
         self.prior = prior
         self.dof = calibration.dof_um
-        lo_c, hi_c = calibration.z_range
+        _lo_c, _hi_c = calibration.z_range
         step = max(self.s.grid_dof * self.dof, 0.01)
         # focus candidates: reachable positions only (an unreachable focus is a failure anyway)
         self.grid = _grid(self.lo, self.hi, step)
@@ -502,7 +547,9 @@ class DeepFocusSearch(Search):
         r = resid - beta[:, None]
         return (r**2).sum(axis=1) / s2 + beta**2 / sb2
 
-    def _spec_cost(self, zs: NDArray, specs: list[Spectrum | None], grid: NDArray) -> tuple[NDArray, NDArray]:
+    def _spec_cost(
+        self, zs: NDArray, specs: list[Spectrum | None], grid: NDArray
+    ) -> tuple[NDArray, NDArray]:
         """Chi^2 of the frames' spectra against the calibration table, and its dof.
 
         For a focus candidate f the table predicts ``log(P - N)`` of frame i at bin k up to
@@ -523,16 +570,23 @@ class DeepFocusSearch(Search):
         present = np.stack([specs[i].counts > 0 for i in use])  # type: ignore[union-attr]
         z = zs[use]
         F, N, K = len(grid), len(use), L.shape[1]
-        T, WT, Tub = (a.reshape(F, N, K) for a in self.cal.transfer_table((z[None, :] - grid[:, None]).ravel()))
+        T, WT, Tub = (
+            a.reshape(F, N, K)
+            for a in self.cal.transfer_table((z[None, :] - grid[:, None]).ravel())
+        )
         ov = np.isfinite(L)[None] & present[None]
         tv = np.isfinite(T)
         s2 = self.s.spec_model_sigma**2
-        wA = np.where(ov & tv, 1.0 / (1.0 / np.maximum(W[None], 1e-9) + 1.0 / np.maximum(WT, 1e-9) + s2), 0.0)
+        wA = np.where(
+            ov & tv, 1.0 / (1.0 / np.maximum(W[None], 1e-9) + 1.0 / np.maximum(WT, 1e-9) + s2), 0.0
+        )
         yA = np.where(ov & tv, np.nan_to_num(L[None] - T), 0.0)
         # bounds: y = L - T >= L - Tub where only the frame detects; <= Lub - T where only the table does
         wH = 1.0 / (2 * s2)
         lbB = np.where(ov & ~tv, np.nan_to_num(L[None] - Tub), -np.inf)
-        ubC = np.where(~np.isfinite(L)[None] & present[None] & tv, np.nan_to_num(Lub[None] - T), np.inf)
+        ubC = np.where(
+            ~np.isfinite(L)[None] & present[None] & tv, np.nan_to_num(Lub[None] - T), np.inf
+        )
         # smoothness of c over log-frequency bins (second differences) + weak ridge
         D2 = np.diff(np.eye(K), 2, axis=0)
         D1 = np.diff(np.eye(K), 1, axis=0)
@@ -543,7 +597,11 @@ class DeepFocusSearch(Search):
         wC = np.zeros_like(wA)
         for _ in range(3):
             w = wA + wB + wC
-            y = (wA * yA + wB * np.where(np.isfinite(lbB), lbB, 0) + wC * np.where(np.isfinite(ubC), ubC, 0)) / np.maximum(w, 1e-12)
+            y = (
+                wA * yA
+                + wB * np.where(np.isfinite(lbB), lbB, 0)
+                + wC * np.where(np.isfinite(ubC), ubC, 0)
+            ) / np.maximum(w, 1e-12)
             c, d = _solve_two_way(w, y, P, pd)
             m = c[:, None, :] + d[:, :, None]
             wB = np.where(m < lbB, wH, 0.0)
@@ -557,7 +615,9 @@ class DeepFocusSearch(Search):
         dof = np.maximum(n_a - np.minimum(n_a, K // 3) - (N - 1), 1).astype(float)
         return chi2, dof
 
-    def _posterior(self, grid: NDArray | None = None) -> tuple[float, float, NDArray, NDArray, dict[str, float]]:
+    def _posterior(
+        self, grid: NDArray | None = None
+    ) -> tuple[float, float, NDArray, NDArray, dict[str, float]]:
         grid = self.grid if grid is None else grid
         zs = np.array([o.z for o in self.observations])
         bs = np.array([o.blur for o in self.observations])
@@ -591,7 +651,9 @@ class DeepFocusSearch(Search):
         j = int(np.argmin(np.abs(grid - f)))
         info = {
             "chi2_scale": scale,
-            "spec_chi2_red": float(chi2[j] / max(dof[j], 1.0)) if np.any(dof > 0) else float("nan"),
+            "spec_chi2_red": float(chi2[j] / max(dof[j], 1.0))
+            if np.any(dof > 0)
+            else float("nan"),
             "spec_dof": float(dof[j]),
             "cnn_cost": float(cost[j]),
         }
@@ -599,7 +661,7 @@ class DeepFocusSearch(Search):
 
     def _refined(self) -> tuple[float, float, dict[str, float]]:
         """Posterior mode and sd, re-evaluated on a fine grid around the coarse mode."""
-        f, sd, grid, p, info = self._posterior()
+        f, sd, _g, _p, info = self._posterior()
         half = max(6 * sd, 0.5 * self.dof)
         step = max(min(sd / 10, self.s.grid_dof * self.dof), 0.002)
         fine = _grid(max(self.lo, f - half), min(self.hi, f + half), step)
@@ -630,7 +692,12 @@ class DeepFocusSearch(Search):
         f, sd, _ = self._refined()
         tol = self.s.tol_dof * self.dof
         if n >= self.min_images and sd <= tol:
-            if self.s.verify and not self._verified and n < self.max_images and self._nearest(f) > tol:
+            if (
+                self.s.verify
+                and not self._verified
+                and n < self.max_images
+                and self._nearest(f) > tol
+            ):
                 self._verified = True
                 return f
             return None
@@ -684,8 +751,14 @@ class DeepFocusSearch(Search):
     def result(self) -> SearchResult:
         if self.n == 0 or not self._has_information():
             return SearchResult(
-                self.start, 0.0, float("nan"), float("nan"), 0.0, False,
-                "no focus information in any image (blank, dark or saturated field)", self.n,
+                self.start,
+                0.0,
+                float("nan"),
+                float("nan"),
+                0.0,
+                False,
+                "no focus information in any image (blank, dark or saturated field)",
+                self.n,
             )
         f, sd, info = self._refined()
         resid = info.get("spec_chi2_red", float("nan"))
@@ -700,7 +773,11 @@ class DeepFocusSearch(Search):
         reason = (
             f"posterior sd {sd:.3f} um <= {self.s.converged_dof} DOF"
             if conv
-            else ("estimate at the search bound: focus may be beyond it" if at_edge else f"posterior sd {sd:.3f} um too wide")
+            else (
+                "estimate at the search bound: focus may be beyond it"
+                if at_edge
+                else f"posterior sd {sd:.3f} um too wide"
+            )
         )
         fmap = self._focus_map(f, sd)
         return SearchResult(
@@ -737,11 +814,19 @@ class DeepFocusSearch(Search):
         zs = np.array([o.z for o in obs])
         out = np.full(shape, np.nan)
         for idx in np.ndindex(*shape):
-            bs = np.array([
-                float(o.blur_map[idx]) if o.blur_map is not None and (o.confidence is None or o.confidence[idx] >= 0.5) else np.nan
+            bs = np.array(
+                [
+                    float(o.blur_map[idx])
+                    if o.blur_map is not None
+                    and (o.confidence is None or o.confidence[idx] >= 0.5)
+                    else np.nan
+                    for o in obs
+                ]
+            )
+            specs = [
+                o.patch_spectra[idx[0]][idx[1]] if o.patch_spectra is not None else None
                 for o in obs
-            ])
-            specs = [o.patch_spectra[idx[0]][idx[1]] if o.patch_spectra is not None else None for o in obs]
+            ]
             cost = self._cnn_cost(zs, bs, grid)
             chi2, dof = self._spec_cost(zs, specs, grid)
             if not np.any(dof > 0) and np.sum(np.isfinite(bs)) < 2:
@@ -764,9 +849,9 @@ def _grid(lo: float, hi: float, step: float) -> NDArray[np.float64]:
     """Evenly spaced candidates from lo to hi inclusive (never beyond hi)."""
     if hi <= lo:
         return np.array([lo])
-    n = max(2, int(math.floor((hi - lo) / step)) + 1)
-    g = lo + np.arange(n) * step
-    return g if g[-1] >= hi - 1e-12 else np.append(g, hi)
+    n = max(2, math.floor((hi - lo) / step) + 1)
+    g = lo + np.arange(n, dtype=np.float64) * step
+    return g if g[-1] >= hi - 1e-12 else np.append(g, np.float64(hi))
 
 
 def _solve_two_way(w: NDArray, y: NDArray, P: NDArray, pd: float) -> tuple[NDArray, NDArray]:

@@ -17,6 +17,7 @@ estimated from the spectrum's corners and every bin's sample count kept for weig
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -60,7 +61,9 @@ class Spectrum:
         the relative error by ``P / (P - N)``.
         """
         sig = self.power - self.noise
-        ok = np.isfinite(sig) & (self.counts > 0) & (sig > (min_snr - 1.0) * self.noise) & (sig > 0)
+        ok = (
+            np.isfinite(sig) & (self.counts > 0) & (sig > (min_snr - 1.0) * self.noise) & (sig > 0)
+        )
         logs = np.full_like(self.power, np.nan)
         logs[ok] = np.log(sig[ok])
         w = np.zeros_like(self.power)
@@ -107,8 +110,9 @@ def _spectrum_of(power2d: NDArray[np.float64], h: int, w: int) -> Spectrum:
     counts = np.bincount(idx[sel], mult[sel], minlength=k)
     with np.errstate(invalid="ignore", divide="ignore"):
         power = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
-    noise = float(np.median(power2d[corner])) if np.any(corner) else 0.0
-    return Spectrum(power=power, counts=counts, noise=noise)
+    # periodogram values of white noise are exponential: their median is ln 2 x the mean
+    noise = float(np.median(power2d[corner])) / math.log(2.0) if np.any(corner) else 0.0
+    return Spectrum(power=power, counts=counts.astype(np.float64), noise=noise)
 
 
 def frame_spectrum(image: ArrayLike) -> Spectrum:
@@ -126,13 +130,21 @@ def frame_spectrum(image: ArrayLike) -> Spectrum:
     return _spectrum_of(p, h, w)
 
 
-def patch_spectra(image: ArrayLike, patch: int = 128) -> tuple[list[list[Spectrum]], tuple[int, int]]:
+def patch_spectra(
+    image: ArrayLike, patch: int = 128
+) -> tuple[list[list[Spectrum]], tuple[int, int]]:
     """Spectra of the non-overlapping ``patch`` grid (same grid as the scorers' maps).
 
     Returns the ``rows x cols`` nested list and the grid's top-left ``(y, x)``.
     """
     img = np.asarray(image, dtype=np.float64)
     rows, cols = img.shape[0] // patch, img.shape[1] // patch
+    if rows == 0 or cols == 0:
+        from .errors import ImageError
+
+        raise ImageError(
+            f"Image shape {img.shape!r} is smaller than one {patch}x{patch} patch; use a larger ROI."
+        )
     y0, x0 = (img.shape[0] - rows * patch) // 2, (img.shape[1] - cols * patch) // 2
     win = _window(patch, patch)
     norm = float((win**2).sum())

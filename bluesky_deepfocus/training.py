@@ -17,7 +17,9 @@ Data recipe (:class:`DataRecipe`), generated on the fly by worker processes from
   inverted (transmitted light), rendered without wrap-around, cut into 128x128 patches;
 * camera: 3-3000 photo-electrons per unit intensity, read noise 0.5-3 e-, gain,
   offset, 12 or 16 bit, 8 % of scenes pushed into saturation, 5 % blank patches;
-* label ``ln r`` (:meth:`.optics.Objective.blur_radius_px`) and an *informative* flag
+* label ``ln r`` with ``r = sqrt(2 r50^2 + 0.25)`` px from the actual PSF's 50 %
+  encircled-energy radius (aberrations included; the geometric blur radius far from
+  focus; the pixel's extent near focus), and an *informative* flag
   (signal contrast above 0.3 x the noise and less than 30 % saturated pixels).
 
 Validation uses held-back specimen families (:data:`VALIDATION_FAMILIES`) and held-back
@@ -46,7 +48,7 @@ import torch
 from torch.nn import functional as F
 
 from .model import PATCH, DeepFocusNet, ModelConfig, prepare_patches, save_model
-from .optics import blur, widefield_psf
+from .optics import blur, encircled_energy_radius, widefield_psf
 from .specimens import TRAIN_FAMILIES, make_specimen
 
 __all__ = [
@@ -129,15 +131,29 @@ def _sample_defocus(rng: np.random.Generator, inst: dict[str, Any], r: DataRecip
     return sign * r_geo * px / tan_t
 
 
+def psf_log_radius(fine: np.ndarray, oversample: int) -> float:
+    """The label: ``ln r`` with ``r = sqrt(2 r50^2 + 0.25)`` pixels.
+
+    ``r50`` is the 50 % encircled-energy radius of the actual (aberrated, oversampled) PSF
+    in pixels; ``sqrt(2) r50`` equals the radius of a uniform defocus disc, so far from
+    focus the label is the geometric blur radius; the 0.5 px term is the pixel's own
+    extent, so sub-pixel PSFs keep a finite, continuous label.
+    """
+    r50 = encircled_energy_radius(fine, 0.5) / oversample
+    return math.log(math.sqrt(2.0 * r50 * r50 + 0.25))
+
+
 def sample_scene(
-    rng: np.random.Generator, recipe: DataRecipe | None = None, families: Sequence[str] | None = None
+    rng: np.random.Generator,
+    recipe: DataRecipe | None = None,
+    families: Sequence[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One random scene: ``(patches uint16 (k,128,128), ln r (k,), informative (k,))``."""
     r = recipe or DataRecipe()
     fams = tuple(families or r.families)
     inst = _sample_instrument(rng, r)
     zs = [_sample_defocus(rng, inst, r) for _ in range(r.defocus_per_scene)]
-    psfs = [
+    made = [
         widefield_psf(
             z,
             na=inst["na"],
@@ -145,9 +161,12 @@ def sample_scene(
             pixel_size_um=inst["pixel_um"],
             immersion_index=inst["n"],
             zernike_waves=inst["zernike"],
+            return_fine=True,
         )
         for z in zs
     ]
+    psfs = [m[0] for m in made]
+    labels = [psf_log_radius(m[1], m[2]) for m in made]
     side = PATCH * r.crops_per_side
     big = max(p.shape[0] for p in psfs)
     fam = fams[int(rng.integers(len(fams)))]
@@ -165,11 +184,10 @@ def sample_scene(
         top = float(np.percentile(spec, 99.0)) or 1.0
         photons = rng.uniform(1.2, 4.0) * (full - offset) * gain / top
     out_x, out_t, out_i = [], [], []
-    for z, psf in zip(zs, psfs, strict=True):
+    for psf, t in zip(psfs, labels, strict=True):
         pad = (big - psf.shape[0]) // 2
         obj = spec[pad : spec.shape[0] - pad, pad : spec.shape[1] - pad] if pad else spec
         img = blur(obj, psf)  # (side, side)
-        t = math.log(_radius_px(inst, z))
         for cy in range(r.crops_per_side):
             for cx in range(r.crops_per_side):
                 sig = img[cy * PATCH : (cy + 1) * PATCH, cx * PATCH : (cx + 1) * PATCH]
@@ -209,7 +227,10 @@ def _worker(seed: int, recipe: DataRecipe, queue: Any, chunk: int) -> None:  # p
 
 
 def make_dataset(
-    n_patches: int, seed: int, recipe: DataRecipe | None = None, families: Sequence[str] | None = None
+    n_patches: int,
+    seed: int,
+    recipe: DataRecipe | None = None,
+    families: Sequence[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A fixed set of patches (validation, tests)."""
     rng = np.random.default_rng(seed)
@@ -221,19 +242,27 @@ def make_dataset(
         ts.append(t)
         infos.append(i)
         n += len(t)
-    return np.concatenate(xs)[:n_patches], np.concatenate(ts)[:n_patches], np.concatenate(infos)[:n_patches]
+    return (
+        np.concatenate(xs)[:n_patches],
+        np.concatenate(ts)[:n_patches],
+        np.concatenate(infos)[:n_patches],
+    )
 
 
 class _Stream:
     """Batches from worker processes, each chunk replayed ``reuse`` times (shuffled)."""
 
-    def __init__(self, workers: int, seed: int, recipe: DataRecipe, batch: int, reuse: int) -> None:
+    def __init__(
+        self, workers: int, seed: int, recipe: DataRecipe, batch: int, reuse: int
+    ) -> None:
         self.batch, self.reuse = batch, reuse
         self.rng = np.random.default_rng(seed + 7919)
         ctx = mp.get_context("spawn")
         self.queue: Any = ctx.Queue(maxsize=6)
         self.procs = [
-            ctx.Process(target=_worker, args=(seed * 1000 + k, recipe, self.queue, 4 * batch), daemon=True)
+            ctx.Process(
+                target=_worker, args=(seed * 1000 + k, recipe, self.queue, 4 * batch), daemon=True
+            )
             for k in range(workers)
         ]
         for p in self.procs:
@@ -271,7 +300,9 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return x
 
 
-def loss_fn(out: torch.Tensor, t: torch.Tensor, info: torch.Tensor, beta: float = 0.5) -> tuple[torch.Tensor, dict[str, float]]:
+def loss_fn(
+    out: torch.Tensor, t: torch.Tensor, info: torch.Tensor, beta: float = 0.5
+) -> tuple[torch.Tensor, dict[str, float]]:
     """beta-NLL on informative patches (Seitzer et al., ICLR 2022) + BCE on the flag."""
     mu, log_sigma, logit = out[:, 0], out[:, 1].clamp(-5, 3), out[:, 2]
     var = torch.exp(2 * log_sigma)
@@ -372,7 +403,9 @@ def train(cfg: TrainConfig, *, command: str = "", progress: bool = True) -> dict
         step, wall, history = ck["step"], ck["wall"], ck.get("history", [])
         print(f"resumed from {ckpt_path} at step {step} ({wall / 60:.1f} min trained)")
     val_sets = {
-        "heldout_families": make_dataset(cfg.val_patches, 10_001 + cfg.seed, recipe, VALIDATION_FAMILIES),
+        "heldout_families": make_dataset(
+            cfg.val_patches, 10_001 + cfg.seed, recipe, VALIDATION_FAMILIES
+        ),
         "train_families_new_seeds": make_dataset(cfg.val_patches // 2, 20_002 + cfg.seed, recipe),
     }
     stream = _Stream(cfg.workers, cfg.seed + step, recipe, cfg.batch, cfg.reuse)
@@ -398,7 +431,9 @@ def train(cfg: TrainConfig, *, command: str = "", progress: bool = True) -> dict
             opt.step()
             with torch.no_grad():
                 decay = min(0.999, (1 + step) / (10 + step))
-                for pe, pm in zip(ema.state_dict().values(), model.state_dict().values(), strict=True):
+                for pe, pm in zip(
+                    ema.state_dict().values(), model.state_dict().values(), strict=True
+                ):
                     if pe.dtype.is_floating_point:
                         pe.mul_(decay).add_(pm, alpha=1 - decay)
                     else:
@@ -418,8 +453,16 @@ def train(cfg: TrainConfig, *, command: str = "", progress: bool = True) -> dict
                 last = now
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 res = {k: evaluate(ema, v, device) for k, v in val_sets.items()}
-                history.append({"step": step, **{f"{k}/{m}": v for k, r in res.items() for m, v in r.items()}})
-                print(f"  val@{step}: " + json.dumps({k: {m: round(v, 3) for m, v in r.items()} for k, r in res.items()}), flush=True)
+                history.append(
+                    {"step": step, **{f"{k}/{m}": v for k, r in res.items() for m, v in r.items()}}
+                )
+                print(
+                    f"  val@{step}: "
+                    + json.dumps(
+                        {k: {m: round(v, 3) for m, v in r.items()} for k, r in res.items()}
+                    ),
+                    flush=True,
+                )
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
                 _atomic_save(
                     {
@@ -438,7 +481,7 @@ def train(cfg: TrainConfig, *, command: str = "", progress: bool = True) -> dict
     final = {k: evaluate(ema, v, device) for k, v in val_sets.items()}
     card = {
         "model_id": f"deepfocus-w{cfg.width}-s{cfg.steps}-seed{cfg.seed}",
-        "target": "ln(blur radius in pixels), r = sqrt(r_geo^2 + r_airy^2 + 0.25)",
+        "target": "ln sqrt(2 r50^2 + 0.25), r50 = 50% encircled-energy radius of the PSF in pixels",
         "patch": PATCH,
         "data_recipe": recipe.as_dict(),
         "validation_families": list(VALIDATION_FAMILIES),
@@ -458,13 +501,15 @@ def train(cfg: TrainConfig, *, command: str = "", progress: bool = True) -> dict
         "command": command,
     }
     dest = Path(cfg.export) if cfg.export else out / "deepfocus.pt"
-    info = save_model(ema.cpu(), dest, card)
-    _write_card_md(dest.with_suffix(".md"), info)
-    print(f"wrote {dest} (sha256 {info['sha256'][:16]}...)")
-    return info
+    written = save_model(ema.cpu(), dest, card)
+    _write_card_md(dest.with_suffix(".md"), written)
+    print(f"wrote {dest} (sha256 {written['sha256'][:16]}...)")
+    return written
 
 
-def export_checkpoint(folder: str | os.PathLike[str], dest: str | os.PathLike[str], *, width: int = 24) -> dict[str, Any]:
+def export_checkpoint(
+    folder: str | os.PathLike[str], dest: str | os.PathLike[str], *, width: int = 24
+) -> dict[str, Any]:
     """Write the EMA weights of a (possibly running) training folder's checkpoint."""
     ck = torch.load(Path(folder) / "checkpoint.pt", map_location="cpu", weights_only=False)
     model = DeepFocusNet(ModelConfig(width=width))
@@ -513,16 +558,20 @@ def _write_card_md(path: Path, card: dict[str, Any]) -> None:
         "Held-back families (validation): " + ", ".join(card.get("validation_families", [])),
         "",
         "Intended use: blur score for autofocus after a per-objective calibration stack. "
-        "Not trained on: " + ", ".join(
-            f for f in ("sparse_nuclei", "beads", "tissue", "smooth", "text")
-        ) + " (kept for benchmarks).",
+        "Not trained on: "
+        + ", ".join(f for f in ("sparse_nuclei", "beads", "tissue", "smooth", "text"))
+        + " (kept for benchmarks).",
     ]
     path.write_text("\n".join(lines) + "\n")
 
 
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = p or argparse.ArgumentParser(prog="bluesky-deepfocus train", description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="runs/train", help="checkpoint folder (resumes if it holds one)")
+    p = p or argparse.ArgumentParser(
+        prog="bluesky-deepfocus train", description=__doc__.split("\n")[0]
+    )
+    p.add_argument(
+        "--out", default="runs/train", help="checkpoint folder (resumes if it holds one)"
+    )
     p.add_argument("--steps", type=int, default=6000)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)

@@ -149,7 +149,11 @@ def _check_calibration(calibration: Any, camera: Any) -> Calibration:
 def _scored(scorer: FocusFunction, run_uid: str | None, stream: str, seq_num: int) -> ScoredImage:
     """The scorer's result for event ``seq_num`` of ``stream`` (just emitted)."""
     for item in reversed(list(scorer.results)):
-        if item.stream == stream and item.seq_num == seq_num and (run_uid is None or item.run_uid == run_uid):
+        if (
+            item.stream == stream
+            and item.seq_num == seq_num
+            and (run_uid is None or item.run_uid == run_uid)
+        ):
             return item
     raise RuntimeError(
         f"The focus function {scorer.name!r} did not score event {seq_num} of stream {stream!r}: "
@@ -165,6 +169,7 @@ class _Session:
         self.scores_stream = scores_stream
         self.result_stream = result_stream
         self.run_uid: str | None = None
+        self.counter: dict[str, int] = {}
 
 
 # per (RunEngine run, stream) image counters are kept on the plan side
@@ -273,14 +278,19 @@ def autofocus_stub(
             f"The focus is at {z0!r} um, outside its limits {_limits_of(focus)!r}: move it inside "
             "the limits before autofocus."
         )
-    kw: dict[str, Any] = {"start": z0, "lo": lo, "hi": hi, "min_images": min_images, "max_images": max_images}
+    kw: dict[str, Any] = {
+        "start": z0,
+        "lo": lo,
+        "hi": hi,
+        "min_images": min_images,
+        "max_images": max_images,
+    }
     if strategy == "deepfocus":
         kw.update(settings=settings, prior=prior)
     search: Search = make_search(strategy, calibration, **kw)
     record = _ScoreRecord(name=session.scores_stream.replace("-", "_"))
     result_rec = _ResultRecord(name=session.result_stream.replace("-", "_"))
-    counter: dict[str, int] = getattr(session, "counter", {})
-    session.counter = counter  # type: ignore[attr-defined]
+    counter = session.counter
     old_roi = scorer.roi
     scorer.roi = roi
     observations: list[Observation] = []
@@ -289,7 +299,9 @@ def autofocus_stub(
         while (z := search.ask()) is not None:
             if not lo - 1e-9 <= z <= hi + 1e-9:  # defence in depth: never outside the bounds
                 raise AssertionError(f"search proposed z={z!r} outside [{lo!r}, {hi!r}]")
-            obs, _ = yield from _measure(camera, focus, scorer, z, roi, session, counter, record, settle_time)
+            obs, _ = yield from _measure(
+                camera, focus, scorer, z, roi, session, counter, record, settle_time
+            )
             observations.append(obs)
             search.tell(obs)
         return search.result()
@@ -319,7 +331,12 @@ def autofocus_stub(
         reason = f"not moved to the estimate: {res.reason} (confidence {res.confidence:.2f})"
     yield from bps.mv(focus, target)
     final_sharp = _sharpness_at(observations, target)
-    if ok and math.isfinite(start_sharp) and math.isfinite(final_sharp) and final_sharp < start_sharp - 0.05:
+    if (
+        ok
+        and math.isfinite(start_sharp)
+        and math.isfinite(final_sharp)
+        and final_sharp < start_sharp - 0.05
+    ):
         # the image at the estimate is less sharp than the start: go back, and say so
         target = z0
         yield from bps.mv(focus, target)
@@ -387,8 +404,14 @@ def _sharpness_at(observations: list[Observation], z: float) -> float:
     return float(best[-1].spectrum.sharpness()) if best else float("nan")  # type: ignore[union-attr]
 
 
-def _validate(min_images: int, max_images: int, on_failure: str, strategy: str, min_confidence: float) -> None:
-    if not (isinstance(min_images, int) and isinstance(max_images, int) and 1 <= min_images <= max_images):
+def _validate(
+    min_images: int, max_images: int, on_failure: str, strategy: str, min_confidence: float
+) -> None:
+    if not (
+        isinstance(min_images, int)
+        and isinstance(max_images, int)
+        and 1 <= min_images <= max_images
+    ):
         raise ValueError(
             f"Need integers 1 <= min_images <= max_images, got min_images={min_images!r}, "
             f"max_images={max_images!r}."
@@ -407,17 +430,28 @@ def _run_returning(inner: Any, md: Mapping[str, Any]) -> Generator[Msg, Any, Any
 
     def except_plan(e: Exception) -> Generator[Msg, Any, None]:
         if isinstance(e, RunEngineControlException):
-            yield from bps.close_run(exit_status=e.exit_status)
+            yield from bps.close_run(exit_status=getattr(e, "exit_status", "abort"))
         else:
             yield from bps.close_run(exit_status="fail", reason=f"{type(e).__name__}: {e}")
 
     def else_plan() -> Generator[Msg, Any, None]:
         yield from bps.close_run()
 
-    return (yield from bpp.contingency_wrapper(inner(uid), except_plan=except_plan, else_plan=else_plan))
+    return (
+        yield from bpp.contingency_wrapper(
+            inner(uid), except_plan=except_plan, else_plan=else_plan
+        )
+    )
 
 
-def _base_md(plan_name: str, camera: Any, focus: Any, plan_args: dict[str, Any], extra: dict[str, Any], md: Mapping[str, Any] | None) -> dict[str, Any]:
+def _base_md(
+    plan_name: str,
+    camera: Any,
+    focus: Any,
+    plan_args: dict[str, Any],
+    extra: dict[str, Any],
+    md: Mapping[str, Any] | None,
+) -> dict[str, Any]:
     _md: dict[str, Any] = {
         "plan_name": plan_name,
         "plan_args": plan_args,
@@ -512,14 +546,24 @@ def autofocus_plan(
     if strategy != "brent":
         calibration = _check_calibration(calibration, camera)
     z_start = float(focus.position) if hasattr(focus, "position") else float("nan")
-    settings_dict: dict[str, Any] = dict((settings or DeepFocusSettings()).__dict__) if strategy == "deepfocus" else {}
+    settings_dict: dict[str, Any] = (
+        dict((settings or DeepFocusSettings()).__dict__) if strategy == "deepfocus" else {}
+    )
     extra = {
         "calibration_uid": (calibration.uid or "") if calibration is not None else "",
-        "objective": calibration.objective if calibration is not None else str(_config_value(camera, "objective") or ""),
+        "objective": calibration.objective
+        if calibration is not None
+        else str(_config_value(camera, "objective") or ""),
         "model_id": getattr(scorer, "model_id", scorer.name),
         "model_sha256": getattr(scorer, "model_sha256", ""),
         "scorer": scorer.describe(),
-        "algorithm": {"strategy": strategy, "settings": settings_dict, "min_images": min_images, "max_images": max_images, "min_confidence": min_confidence},
+        "algorithm": {
+            "strategy": strategy,
+            "settings": settings_dict,
+            "min_images": min_images,
+            "max_images": max_images,
+            "min_confidence": min_confidence,
+        },
         "roi": list(roi) if roi is not None else None,
         "start_z": z_start,
         "limits": list(_limits_of(focus)) if math.isfinite(_limits_of(focus)[0]) else None,
@@ -534,7 +578,9 @@ def autofocus_plan(
         {
             "camera": repr(camera),
             "focus": repr(focus),
-            "calibration": (calibration.uid or calibration.objective) if calibration is not None else None,
+            "calibration": (calibration.uid or calibration.objective)
+            if calibration is not None
+            else None,
             "roi": roi,
             "min_images": min_images,
             "max_images": max_images,
@@ -581,7 +627,15 @@ def _safe_focus(focus: Any, make_plan: Any, *, restore_on_error: bool) -> Genera
         if z0 is not None:
             yield from bps.mv(focus, z0)
 
-    return (yield from bpp.contingency_wrapper(make_plan(), except_plan=lambda e: restore(), auto_raise=True)) if restore_on_error else (yield from make_plan())
+    return (
+        (
+            yield from bpp.contingency_wrapper(
+                make_plan(), except_plan=lambda e: restore(), auto_raise=True
+            )
+        )
+        if restore_on_error
+        else (yield from make_plan())
+    )
 
 
 def calibration_plan(
@@ -625,7 +679,9 @@ def calibration_plan(
             f"function {scorer.name!r}. Pass scorer=DeepFocusScorer()."
         )
     if not (math.isfinite(start) and math.isfinite(stop) and start < stop):
-        raise ValueError(f"Need finite start < stop (relative um), got start={start!r}, stop={stop!r}.")
+        raise ValueError(
+            f"Need finite start < stop (relative um), got start={start!r}, stop={stop!r}."
+        )
     z0 = float(focus.position)
     lo, hi = _limits_of(focus)
     if z0 + start < lo or z0 + stop > hi:
@@ -651,7 +707,14 @@ def calibration_plan(
         "calibration_plan",
         camera,
         focus,
-        {"camera": repr(camera), "focus": repr(focus), "start": start, "stop": stop, "num": num, "roi": roi},
+        {
+            "camera": repr(camera),
+            "focus": repr(focus),
+            "start": start,
+            "stop": stop,
+            "num": num,
+            "roi": roi,
+        },
         extra,
         md,
     )
@@ -660,7 +723,6 @@ def calibration_plan(
     def inner(uid: str) -> Generator[Msg, Any, Calibration]:
         session = _Session("primary", SCORES_STREAM, CALIBRATION_STREAM)
         session.run_uid = uid
-        session.counter = {}  # type: ignore[attr-defined]
         record = _ScoreRecord(name="deepfocus_scores")
         old_roi = scorer.roi
         scorer.roi = roi
@@ -670,7 +732,17 @@ def calibration_plan(
 
         def stack() -> Generator[Msg, Any, None]:
             for z in positions:
-                obs, _ = yield from _measure(camera, focus, scorer, float(z), roi, session, session.counter, record, settle_time)  # type: ignore[attr-defined]
+                obs, _ = yield from _measure(
+                    camera,
+                    focus,
+                    scorer,
+                    float(z),
+                    roi,
+                    session,
+                    session.counter,
+                    record,
+                    settle_time,
+                )
                 zs.append(obs.z)
                 bs.append(obs.blur)
                 specs.append(obs.spectrum)

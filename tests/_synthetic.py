@@ -33,14 +33,18 @@ def power(z: float, slope: float, level: float = 1e4) -> np.ndarray:
     return spec * mtf2
 
 
-def spectrum(z: float, *, slope: float = 2.0, noise: float = 1.0, rng: np.random.Generator | None = None) -> Spectrum:
+def spectrum(
+    z: float, *, slope: float = 2.0, noise: float = 1.0, rng: np.random.Generator | None = None
+) -> Spectrum:
     p = power(z, slope) + noise
     if rng is not None:  # periodogram scatter: mean of `counts` exponential variables
         p = p * rng.gamma(COUNTS, 1.0 / COUNTS)
     return Spectrum(power=p, counts=COUNTS.copy(), noise=noise)
 
 
-def calibration(half_range: float = 150.0, num: int = 121, *, slope: float = 1.5, offset: float = 0.0) -> Calibration:
+def calibration(
+    half_range: float = 150.0, num: int = 121, *, slope: float = 1.5, offset: float = 0.0
+) -> Calibration:
     z = np.linspace(-half_range, half_range, num)
     return Calibration.from_stack(
         z,
@@ -53,7 +57,15 @@ def calibration(half_range: float = 150.0, num: int = 121, *, slope: float = 1.5
     )
 
 
-def observe(z: float, focus: float, *, slope: float = 2.5, offset: float = 0.0, rng: np.random.Generator | None = None, blur_noise: float = 0.0) -> Observation:
+def observe(
+    z: float,
+    focus: float,
+    *,
+    slope: float = 2.5,
+    offset: float = 0.0,
+    rng: np.random.Generator | None = None,
+    blur_noise: float = 0.0,
+) -> Observation:
     b = blur_score(z - focus, offset)
     if rng is not None and blur_noise:
         b += float(rng.normal(0, blur_noise))

@@ -51,7 +51,9 @@ def test_calibration_centres_on_focus_and_fits_moffat():
 def test_minimum_at_the_end_of_the_stack_is_refused():
     z = np.linspace(0, 100, 41)
     b, s = stack(z, shift=-20.0)
-    with pytest.raises(CalibrationError, match="minimum is at the end of the stack.*closer to focus or widen"):
+    with pytest.raises(
+        CalibrationError, match="minimum is at the end of the stack.*closer to focus or widen"
+    ):
         fit(z, b, s)
 
 

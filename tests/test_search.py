@@ -45,8 +45,14 @@ def test_ours_cancels_the_specimen_offset_paper_does_not(cal, offset):
     """A specimen whose raw CNN scores sit `offset` above the calibration curve, and whose
     spectrum has another slope: relative information cancels it, raw matching does not."""
     focus = 31.0
-    ours = drive(DeepFocusSearch(cal, start=0.0, lo=-150, hi=150, max_images=6), focus, offset=offset)
-    paper = drive(PaperSearch(cal, start=0.0, lo=-150, hi=150, min_images=3, max_images=6), focus, offset=offset)
+    ours = drive(
+        DeepFocusSearch(cal, start=0.0, lo=-150, hi=150, max_images=6), focus, offset=offset
+    )
+    paper = drive(
+        PaperSearch(cal, start=0.0, lo=-150, hi=150, min_images=3, max_images=6),
+        focus,
+        offset=offset,
+    )
     assert abs(ours.z_focus - focus) < 0.1
     assert abs(paper.z_focus - focus) > max(0.5, 5 * abs(ours.z_focus - focus))
 
@@ -61,7 +67,10 @@ def test_ours_is_graceful_with_noise(cal):
     errs = []
     for focus in rng.uniform(-60, 60, 12):
         res = drive(
-            DeepFocusSearch(cal, start=0.0, lo=-150, hi=150, max_images=6), float(focus), rng=rng, blur_noise=0.1
+            DeepFocusSearch(cal, start=0.0, lo=-150, hi=150, max_images=6),
+            float(focus),
+            rng=rng,
+            blur_noise=0.1,
         )
         assert np.isfinite(res.z_focus)
         errs.append(abs(res.z_focus - focus))
@@ -71,7 +80,9 @@ def test_ours_is_graceful_with_noise(cal):
 
 def test_exact_budget_is_honoured(cal):
     for n in (2, 3, 5):
-        res = drive(DeepFocusSearch(cal, start=0.0, lo=-150, hi=150, min_images=n, max_images=n), 20.0)
+        res = drive(
+            DeepFocusSearch(cal, start=0.0, lo=-150, hi=150, min_images=n, max_images=n), 20.0
+        )
         assert res.images == n
         res = drive(PaperSearch(cal, start=0.0, lo=-150, hi=150, min_images=n, max_images=n), 20.0)
         assert res.images == n
@@ -92,7 +103,9 @@ def test_warm_start_prior_refocuses_in_three_images(cal):
     """Timelapse refocus: the last result as prior, a budget of 3 images."""
     for truth in (2.0, -3.1, 0.2):
         warm = drive(
-            DeepFocusSearch(cal, start=0.0, lo=-150, hi=150, min_images=2, max_images=3, prior=(0.0, 4.0)),
+            DeepFocusSearch(
+                cal, start=0.0, lo=-150, hi=150, min_images=2, max_images=3, prior=(0.0, 4.0)
+            ),
             truth,
         )
         assert warm.images <= 3
@@ -118,7 +131,9 @@ def test_search_argument_validation(cal):
         make_search("gss", cal, start=0.0, lo=-1, hi=1)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     lo=st.floats(-300, 0),
     width=st.floats(0.5, 400),
@@ -128,7 +143,9 @@ def test_search_argument_validation(cal):
     seed=st.integers(0, 2**16),
     blanks=st.floats(0, 1),
 )
-def test_never_outside_bounds_and_always_terminates(cal, lo, width, frac, max_images, strategy, seed, blanks):
+def test_never_outside_bounds_and_always_terminates(
+    cal, lo, width, frac, max_images, strategy, seed, blanks
+):
     """Hostile input: arbitrary bounds, adversarial (random, NaN, inf, huge) scores and
     spectra. The search never proposes a position outside [lo, hi] and stops within
     max_images asks."""
@@ -147,8 +164,12 @@ def test_never_outside_bounds_and_always_terminates(cal, lo, width, frac, max_im
             obs = Observation(z=z)
         else:
             b = float(rng.choice([rng.normal(1, 3), np.nan, np.inf, -np.inf, 1e9]))
-            spec = syn.spectrum(float(rng.uniform(-200, 200)), slope=float(rng.uniform(0, 4)), rng=rng)
-            obs = Observation(z=z, blur=b, spectrum=spec if rng.random() < 0.7 else None, sharpness=b)
+            spec = syn.spectrum(
+                float(rng.uniform(-200, 200)), slope=float(rng.uniform(0, 4)), rng=rng
+            )
+            obs = Observation(
+                z=z, blur=b, spectrum=spec if rng.random() < 0.7 else None, sharpness=b
+            )
         s.tell(obs)
     res = s.result()
     assert asked <= max_images

@@ -76,7 +76,9 @@ class Bench:
             specimen_pixel_um=specimen_pixel_um,
             seed=seed,
             sensor_shape=(self.sensor, self.sensor),
-            slide_size_um=None if isinstance(family, np.ndarray) else fov * slide_fovs + 2 * 60 * math.tan(obj.half_angle) + 40 * obj.pixel_size_um,
+            slide_size_um=None
+            if isinstance(family, np.ndarray)
+            else fov * slide_fovs + 2 * 60 * math.tan(obj.half_angle) + 40 * obj.pixel_size_um,
             true_focus_um=true_focus,
             tilt=tilt,
             **kw,
@@ -85,7 +87,9 @@ class Bench:
         focus = MMFocusStage(core, name="focus", limits=(-2000.0, 2000.0))
         return core, camera, focus, get_simulation(core)
 
-    def calibrate(self, camera: Any, focus: Any, scorer: FocusFunction, half_range: float, num: int) -> Calibration:
+    def calibrate(
+        self, camera: Any, focus: Any, scorer: FocusFunction, half_range: float, num: int
+    ) -> Calibration:
         from ..plans import calibration_plan
 
         focus.move(0.0).wait(10)
