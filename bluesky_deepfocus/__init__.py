@@ -7,6 +7,7 @@ Devices live in :mod:`bluesky_deepfocus.devices`, plans in :mod:`bluesky_deepfoc
 
 from __future__ import annotations
 
+from .calibration import Calibration
 from .errors import (
     AutofocusFailed,
     CalibrationError,
@@ -18,7 +19,6 @@ from .errors import (
     NoFocusInformation,
     WeightsError,
 )
-from .calibration import Calibration
 from .metrics import CLASSIC_FUNCTIONS, get_focus_function
 from .optics import OBJECTIVES, CameraModel, Objective, get_objective
 from .results import AutofocusResult, fit_focus_plane
@@ -37,25 +37,25 @@ __all__ = [
     "AutofocusSummary",
     "BrentSearch",
     "Calibration",
-    "DeepFocusScorer",
-    "DeepFocusSearch",
-    "DeepFocusSettings",
-    "FocusFunction",
-    "Observation",
-    "PaperSearch",
-    "ScoreResult",
-    "fit_focus_plane",
-    "get_focus_function",
     "CalibrationError",
     "CameraModel",
     "CatalogError",
     "DeepFocusError",
+    "DeepFocusScorer",
+    "DeepFocusSearch",
+    "DeepFocusSettings",
     "DeepFocusWarning",
     "DeviceFault",
+    "FocusFunction",
     "ImageError",
     "NoFocusInformation",
     "Objective",
+    "Observation",
+    "PaperSearch",
+    "ScoreResult",
     "WeightsError",
     "__version__",
+    "fit_focus_plane",
+    "get_focus_function",
     "get_objective",
 ]

@@ -184,6 +184,30 @@ class Calibration:
                 f"[{z[0]:.2f}, {z[-1]:.2f}]): focus is not inside the range. Start the "
                 "calibration closer to focus or widen start/stop."
             )
+        fin = np.flatnonzero(np.isfinite(b))
+        from scipy.stats import spearmanr
+
+        # near the minimum (far out the score may saturate on a small frame)
+        near = fin[np.abs(z[fin] - z[i_min]) <= max(10 * step, 0.3 * (z[-1] - z[0]))]
+        rho = (
+            float(spearmanr(b[near], np.abs(z[near] - z[i_min])).statistic)
+            if len(near) >= 5
+            else float("nan")
+        )
+        if not rho >= 0.7:
+            raise CalibrationError(
+                f"The blur score does not grow away from its minimum (rank correlation "
+                f"{rho:.2f} < 0.7): the stack holds no focus, or the object has no texture. "
+                "Centre the stack on focus, widen start/stop to about +/-10 depths of field, "
+                "and use a flat, textured, well-exposed object."
+            )
+        rise = min(b[fin[0]], b[fin[-1]]) - b[i_min]
+        if rise < 0.7:
+            raise CalibrationError(
+                f"The stack shows no clear focus: the blur score rises only {rise:.2f} from its "
+                "minimum to the ends of the stack (at least 0.7 is needed). Centre the stack on "
+                "focus, widen start/stop to about +/-10 depths of field, and use a textured object."
+            )
         logs = np.full((len(z), len(EDGES) - 1), np.nan)
         weights = np.zeros_like(logs)
         limits = np.array([sp.detection_limit() for sp in spectra])
@@ -196,6 +220,12 @@ class Calibration:
                 f"The calibration curve is too irregular to trust (Moffat R^2 = {r2:.3f} < "
                 f"{min_r2}). Use a flat, textured, well-exposed object filling the field, and a "
                 "step of at most a quarter depth of field near focus."
+            )
+        if params["fwhm"] > 0.5 * (z[-1] - z[0]):
+            raise CalibrationError(
+                f"The blur dip is too wide for the stack (Moffat FWHM {params['fwhm']:.1f} um over a "
+                f"{z[-1] - z[0]:.1f} um range): widen start/stop so the stack spans many depths "
+                "of field on both sides of focus."
             )
         center_moffat = params["center"]
         center, sym_cost = _symmetric_center(z, logs, weights, center_moffat, step)
@@ -486,6 +516,22 @@ class Calibration:
         except (TypeError, ValueError) as exc:
             raise CalibrationError(f"Stored calibration is not valid JSON ({exc}).") from exc
         return cls.from_dict(d)
+
+    @classmethod
+    def from_documents(cls, documents: Any) -> Calibration:
+        """Rebuild from a calibration run's ``(name, doc)`` pairs (no catalog needed)."""
+        from .schema import CALIBRATION_STREAM
+
+        desc = None
+        for name, doc in documents:
+            if name == "descriptor" and doc.get("name") == CALIBRATION_STREAM:
+                desc = doc["uid"]
+            elif name == "event" and desc is not None and doc.get("descriptor") == desc:
+                key = next(k for k in doc["data"] if k.endswith("calibration"))
+                return cls.from_dict(json.loads(doc["data"][key]))
+        raise CalibrationError(
+            f"No {CALIBRATION_STREAM!r} event in these documents: not a calibration run."
+        )
 
     def summary(self) -> str:
         return (

@@ -20,6 +20,13 @@ Autofocus run (``plan_name == "autofocus_plan"``)
         thousands of runs is one metadata query; it is derived from the stream above and
         can be rebuilt from it.
 
+Autofocus inside another run (``autofocus_stub``, ``refocus_per_step``, ``refocus_wrapper``,
+``timelapse_plan``)
+    streams ``<prefix>_images``, ``<prefix>_scores``, ``<prefix>_result`` (prefix
+    ``autofocus`` by default) with the layouts above, and ``<prefix>_refocus``: one event
+    per refocus saying why (first / every N / drift), the primary event it precedes, and
+    the warm-start prior.
+
 Calibration run (``plan_name == "calibration_plan"``)
     start document ``deepfocus``: ``objective``, ``model_id``, ``model_sha256``, ``roi``,
     ``start_z``, relative ``start``/``stop``/``num``.

@@ -261,6 +261,7 @@ class FocusFunction:
         self.roi = roi
         self.results: deque[ScoredImage] = deque(maxlen=int(max_results))
         self._seen: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self.scored_count = 0  # events scored so far (plans check it grew after a snap)
         self._lock = threading.Lock()
         self._start: dict[str, Any] = {}
         self._keys: dict[str, tuple[str | None, str | None, str]] = {}
@@ -390,6 +391,7 @@ class FocusFunction:
         result = self.score(np.asarray(image), roi=self.roi)
         run_uid = self._run_of_descriptor(doc.get("descriptor", ""))
         with self._lock:
+            self.scored_count += 1
             self.results.append(
                 ScoredImage(
                     run_uid,

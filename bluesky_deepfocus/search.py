@@ -521,10 +521,18 @@ class DeepFocusSearch(Search):
         self.s = settings or DeepFocusSettings()
         self.prior = prior
         self.dof = calibration.dof_um
-        _lo_c, _hi_c = calibration.z_range
+        lo_c, hi_c = calibration.z_range
         step = max(self.s.grid_dof * self.dof, 0.01)
-        # focus candidates: reachable positions only (an unreachable focus is a failure anyway)
-        self.grid = _grid(self.lo, self.hi, step)
+        # focus candidates: the reachable range plus what the images can still see beyond
+        # it (the calibration's range), so that a focus out of reach shows up as such
+        # instead of as a confident wrong answer inside the bounds; with a prior, only
+        # where it leaves any probability (+/- 8 sd)
+        glo, ghi = self.lo - max(hi_c, 0.0), self.hi + max(-lo_c, 0.0)
+        if prior is not None:
+            plo, phi = prior[0] - 8 * prior[1], prior[0] + 8 * prior[1]
+            if phi > glo and plo < ghi:
+                glo, ghi = max(glo, plo), min(ghi, phi)
+        self.grid = _grid(glo, ghi, max(step, (ghi - glo) / 1500))
         self._post: tuple[float, float, NDArray, NDArray] | None = None
         self._verified = False
 
@@ -664,7 +672,7 @@ class DeepFocusSearch(Search):
         f, sd, _g, _p, info = self._posterior()
         half = max(6 * sd, 0.5 * self.dof)
         step = max(min(sd / 10, self.s.grid_dof * self.dof), 0.002)
-        fine = _grid(max(self.lo, f - half), min(self.hi, f + half), step)
+        fine = _grid(max(self.grid[0], f - half), min(self.grid[-1], f + half), step)
         if len(fine) >= 5:
             f2, sd2, _, _, info2 = self._posterior(fine)
             # keep the wide sd when the coarse posterior is multimodal
@@ -691,6 +699,12 @@ class DeepFocusSearch(Search):
             return self._explore(n)
         f, sd, _ = self._refined()
         tol = self.s.tol_dof * self.dof
+        if f < self.lo - self.dof or f > self.hi + self.dof:
+            # focus beyond the reachable range: look once from the nearest bound, then stop
+            bound = self.lo if f < self.lo else self.hi
+            if self._nearest(bound) <= 0.5 * self.dof:
+                return None
+            return bound
         if n >= self.min_images and sd <= tol:
             if (
                 self.s.verify
@@ -763,7 +777,7 @@ class DeepFocusSearch(Search):
         f, sd, info = self._refined()
         resid = info.get("spec_chi2_red", float("nan"))
         conv = sd <= self.s.converged_dof * self.dof
-        at_edge = f <= self.lo + 1e-9 or f >= self.hi - 1e-9
+        at_edge = f < self.lo - 1e-9 or f > self.hi + 1e-9
         confidence = float(math.exp(-((sd / (0.25 * self.dof)) ** 2)))
         if at_edge:
             confidence *= 0.1
@@ -774,7 +788,8 @@ class DeepFocusSearch(Search):
             f"posterior sd {sd:.3f} um <= {self.s.converged_dof} DOF"
             if conv
             else (
-                "estimate at the search bound: focus may be beyond it"
+                f"focus estimated at {f:.2f} um, beyond the allowed range [{self.lo:.2f}, "
+                f"{self.hi:.2f}] um (stage limits / max_travel)"
                 if at_edge
                 else f"posterior sd {sd:.3f} um too wide"
             )
@@ -810,7 +825,7 @@ class DeepFocusSearch(Search):
             return None
         half = max(4 * sd, 3 * self.dof)
         step = max(self.s.grid_dof * self.dof, 0.01)
-        grid = _grid(max(self.lo, f - half), min(self.hi, f + half), step)
+        grid = _grid(max(self.grid[0], f - half), min(self.grid[-1], f + half), step)
         zs = np.array([o.z for o in obs])
         out = np.full(shape, np.nan)
         for idx in np.ndindex(*shape):

@@ -75,7 +75,7 @@ def _blob_mask(
         a = r
         b = r * rng.uniform(*ecc)
         th = rng.uniform(0, np.pi)
-        ext = int(math.ceil(max(a, b) * (1 + wobble) + 3 * edge_px + 2))
+        ext = math.ceil(max(a, b) * (1 + wobble) + 3 * edge_px + 2)
         y0, y1 = max(0, int(cy) - ext), min(shape[0], int(cy) + ext + 1)
         x0, x1 = max(0, int(cx) - ext), min(shape[1], int(cx) + ext + 1)
         if y0 >= y1 or x0 >= x1:
@@ -264,8 +264,14 @@ def _sparse_nuclei(shape, px, rng):
     n = int(rng.integers(3, 12)) * max(1, int(area_um2 / 110_000))
     centers = _uniform_points(n, shape, rng)
     radii = rng.uniform(4.0, 8.0, n) / px
-    mask = _blob_mask(shape, centers, radii, rng, edge_px=rng.uniform(0.1, 0.3) / px + 0.5,
-                      values=rng.uniform(0.4, 1.0, n))
+    mask = _blob_mask(
+        shape,
+        centers,
+        radii,
+        rng,
+        edge_px=rng.uniform(0.1, 0.3) / px + 0.5,
+        values=rng.uniform(0.4, 1.0, n),
+    )
     shade = 1 + 0.1 * _fractal_noise(shape, rng, 2.5, 2.0 / px)
     return mask * shade + rng.uniform(0.0, 0.02)
 
@@ -283,13 +289,18 @@ def _beads(shape, px, rng):
 def _tissue(shape, px, rng):
     """Dense stained tissue: packed nuclei in a fibrous, textured stroma."""
     stroma = _fractal_noise(shape, rng, 1.2, 0.5 / px)
-    ys, xs, w = _curves(shape, rng, max(3, _n_for_density(shape, px, 8, rng)),
-                        150 / px, 30 / px)
+    ys, xs, w = _curves(shape, rng, max(3, _n_for_density(shape, px, 8, rng)), 150 / px, 30 / px)
     fib = _gauss_blur(_splat(shape, ys, xs, w), 0.4 / px)
     fib /= max(1e-9, np.percentile(fib, 99.5))
     n = max(1, _n_for_density(shape, px, 12, rng))
-    nuc = _blob_mask(shape, _uniform_points(n, shape, rng), rng.uniform(2.5, 5, n) / px, rng,
-                     edge_px=0.7, wobble=0.2)
+    nuc = _blob_mask(
+        shape,
+        _uniform_points(n, shape, rng),
+        rng.uniform(2.5, 5, n) / px,
+        rng,
+        edge_px=0.7,
+        wobble=0.2,
+    )
     img = 0.45 + 0.15 * stroma + 0.3 * np.clip(fib, 0, 1.5) - 0.35 * nuc
     return np.clip(img, 0.02, None)
 
@@ -301,11 +312,16 @@ def _smooth(shape, px, rng):
     centers = _uniform_points(n, shape, rng)
     radii = rng.uniform(25, 80, n) / px
     edge = rng.uniform(0.1, 0.3) / px + 0.5
-    mask = _blob_mask(shape, centers, radii, rng, wobble=0.15, edge_px=edge,
-                      values=rng.uniform(0.4, 1.0, n))
+    mask = _blob_mask(
+        shape, centers, radii, rng, wobble=0.15, edge_px=edge, values=rng.uniform(0.4, 1.0, n)
+    )
     yy, xx = _grid(shape)
-    grad = 1 + 0.3 * np.cos(2 * np.pi * (yy * rng.normal() + xx * rng.normal()) / (
-        np.hypot(*shape) * rng.uniform(1, 3)))
+    grad = 1 + 0.3 * np.cos(
+        2
+        * np.pi
+        * (yy * rng.normal() + xx * rng.normal())
+        / (np.hypot(*shape) * rng.uniform(1, 3))
+    )
     shade = 1 + 0.15 * _fractal_noise(shape, rng, 3.0, 5.0 / px)
     return mask * grad * shade + rng.uniform(0.0, 0.05)
 
@@ -359,9 +375,19 @@ def _text(shape, px, rng):
 
 
 _PHOTO_FILES = (
-    "astronaut.png", "brick.png", "camera.png", "chelsea.png", "coffee.png", "grass.png",
-    "gravel.png", "horse.png", "rocket.jpg", "motorcycle_left.png", "phantom.png",
-    "clock_motion.png", "color.png",
+    "astronaut.png",
+    "brick.png",
+    "camera.png",
+    "chelsea.png",
+    "coffee.png",
+    "grass.png",
+    "gravel.png",
+    "horse.png",
+    "rocket.jpg",
+    "motorcycle_left.png",
+    "phantom.png",
+    "clock_motion.png",
+    "color.png",
 )
 _photo_cache: list[NDArray] = []
 
@@ -399,12 +425,17 @@ def _photos(shape, px, rng):
     h0, w0 = img.shape
     min_scale = max((shape[0] + 4) / (h0 - 2), (shape[1] + 4) / (w0 - 2))
     scale = max(float(np.exp(rng.uniform(np.log(0.5), np.log(3.0)))), min_scale)
-    need = (min(h0, int(np.ceil(shape[0] / scale)) + 2), min(w0, int(np.ceil(shape[1] / scale)) + 2))
+    need = (
+        min(h0, int(np.ceil(shape[0] / scale)) + 2),
+        min(w0, int(np.ceil(shape[1] / scale)) + 2),
+    )
     y0 = int(rng.integers(0, h0 - need[0] + 1))
     x0 = int(rng.integers(0, w0 - need[1] + 1))
     crop = zoom(img[y0 : y0 + need[0], x0 : x0 + need[1]], scale, order=1)[: shape[0], : shape[1]]
     if crop.shape != shape:
-        crop = np.pad(crop, [(0, shape[0] - crop.shape[0]), (0, shape[1] - crop.shape[1])], mode="edge")
+        crop = np.pad(
+            crop, [(0, shape[0] - crop.shape[0]), (0, shape[1] - crop.shape[1])], mode="edge"
+        )
     crop = np.clip(crop, 0, 1) ** rng.uniform(0.5, 2.0)
     if rng.random() < 0.5:
         crop = 1.0 - crop
@@ -472,7 +503,9 @@ def make_specimen(
     try:
         gen = FAMILIES[family]
     except KeyError:
-        raise KeyError(f"Unknown specimen family {family!r}; choose from {sorted(FAMILIES)}.") from None
+        raise KeyError(
+            f"Unknown specimen family {family!r}; choose from {sorted(FAMILIES)}."
+        ) from None
     if isinstance(shape, int):
         shape = (shape, shape)
     if pixel_size_um <= 0:
@@ -506,15 +539,13 @@ class Slide:
     brightness: float = 1.0
 
     def __post_init__(self) -> None:
-        n = int(math.ceil(self.size_um / self.pixel_size_um))
+        n = math.ceil(self.size_um / self.pixel_size_um)
         self.data = make_specimen(
             self.family, (n, n), self.pixel_size_um, self.seed, brightness=self.brightness
         )
         self.fill = float(np.median(self.data))
 
-    def crop(
-        self, x_um: float, y_um: float, shape: tuple[int, int], margin: int = 0
-    ) -> Array:
+    def crop(self, x_um: float, y_um: float, shape: tuple[int, int], margin: int = 0) -> Array:
         """Field of view centred on stage ``(x_um, y_um)``, with ``margin`` extra pixels.
 
         Outside the slide the median level of the slide is used (mounting medium).
@@ -523,7 +554,7 @@ class Slide:
         n = self.data.shape[0]
         cy = n / 2 + y_um / self.pixel_size_um
         cx = n / 2 + x_um / self.pixel_size_um
-        y0, x0 = int(round(cy - h / 2)), int(round(cx - w / 2))
+        y0, x0 = round(cy - h / 2), round(cx - w / 2)
         out = np.full((h, w), self.fill, dtype=np.float32)
         sy0, sx0 = max(0, y0), max(0, x0)
         sy1, sx1 = min(n, y0 + h), min(n, x0 + w)

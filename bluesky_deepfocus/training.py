@@ -214,7 +214,8 @@ def sample_scene(
 def _worker(seed: int, recipe: DataRecipe, queue: Any, chunk: int) -> None:  # pragma: no cover
     torch.set_num_threads(1)
     rng = np.random.default_rng(seed)
-    while True:
+    parent = os.getppid()
+    while os.getppid() == parent:  # stop when the trainer is gone (killed, not joined)
         xs, ts, infos = [], [], []
         n = 0
         while n < chunk:
@@ -223,7 +224,13 @@ def _worker(seed: int, recipe: DataRecipe, queue: Any, chunk: int) -> None:  # p
             ts.append(t)
             infos.append(i)
             n += len(t)
-        queue.put((np.concatenate(xs), np.concatenate(ts), np.concatenate(infos)))
+        item = (np.concatenate(xs), np.concatenate(ts), np.concatenate(infos))
+        while os.getppid() == parent:
+            try:
+                queue.put(item, timeout=5)
+                break
+            except Exception:
+                continue
 
 
 def make_dataset(

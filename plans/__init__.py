@@ -8,5 +8,19 @@ the score drifts).
 """
 
 from ._autofocus import autofocus_plan, autofocus_stub, calibration_plan
+from ._composition import (
+    refocus_decorator,
+    refocus_per_step,
+    refocus_wrapper,
+    timelapse_plan,
+)
 
-__all__ = ["autofocus_plan", "autofocus_stub", "calibration_plan"]
+__all__ = [
+    "autofocus_plan",
+    "autofocus_stub",
+    "calibration_plan",
+    "refocus_decorator",
+    "refocus_per_step",
+    "refocus_wrapper",
+    "timelapse_plan",
+]

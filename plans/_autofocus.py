@@ -146,19 +146,21 @@ def _check_calibration(calibration: Any, camera: Any) -> Calibration:
     return calibration
 
 
-def _scored(scorer: FocusFunction, run_uid: str | None, stream: str, seq_num: int) -> ScoredImage:
-    """The scorer's result for event ``seq_num`` of ``stream`` (just emitted)."""
-    for item in reversed(list(scorer.results)):
-        if (
-            item.stream == stream
-            and item.seq_num == seq_num
-            and (run_uid is None or item.run_uid == run_uid)
-        ):
-            return item
-    raise RuntimeError(
-        f"The focus function {scorer.name!r} did not score event {seq_num} of stream {stream!r}: "
-        "is it subscribed, and does the camera put its image inline in the event?"
-    )
+def _scored(scorer: FocusFunction, before: int, stream: str) -> ScoredImage:
+    """The scorer's result for the event just emitted into ``stream``.
+
+    Callbacks run synchronously as events are emitted, so the newest scored image of the
+    stream is this one -- provided the scorer's count grew (robust to pauses and replays
+    after a checkpoint, unlike counting events on the plan side).
+    """
+    latest = scorer.latest
+    if scorer.scored_count <= before or latest is None or latest.stream != stream:
+        raise RuntimeError(
+            f"The focus function {scorer.name!r} did not score the image just taken in stream "
+            f"{stream!r}: does the camera put its image inline in the event (an 'image' "
+            "component, dtype 'array', at least one patch large)?"
+        )
+    return latest
 
 
 class _Session:
@@ -170,6 +172,11 @@ class _Session:
         self.result_stream = result_stream
         self.run_uid: str | None = None
         self.counter: dict[str, int] = {}
+        # one recording device per stream and run: bluesky refuses a second, different
+        # object read into an existing stream ("Mismatched objects read")
+        self.score_record = _ScoreRecord(name=scores_stream.replace("-", "_"))
+        self.result_record = _ResultRecord(name=result_stream.replace("-", "_"))
+        self.map_shape: tuple[int, int] | None = None
 
 
 # per (RunEngine run, stream) image counters are kept on the plan side
@@ -189,11 +196,18 @@ def _measure(
     yield from bps.mv(focus, z)
     if settle_time:
         yield from bps.sleep(settle_time)
+    before = scorer.scored_count
     reading = yield from bps.trigger_and_read([camera, focus], name=session.images_stream)
     seq = counter[session.images_stream] = counter.get(session.images_stream, 0) + 1
     image = np.asarray(reading[_image_key(camera)]["value"])
     z_read = float(reading[focus.name]["value"]) if focus.name in reading else float(z)
-    item = _scored(scorer, session.run_uid, session.images_stream, seq)
+    item = _scored(scorer, before, session.images_stream)
+    if session.run_uid is None and item.run_uid:
+        session.run_uid = item.run_uid
+    session.map_shape = session.map_shape or (
+        int(item.result.blur_map.shape[0]),
+        int(item.result.blur_map.shape[1]),
+    )
     res = item.result
     img = image.astype(np.float64)
     if img.ndim == 3:
@@ -288,8 +302,8 @@ def autofocus_stub(
     if strategy == "deepfocus":
         kw.update(settings=settings, prior=prior)
     search: Search = make_search(strategy, calibration, **kw)
-    record = _ScoreRecord(name=session.scores_stream.replace("-", "_"))
-    result_rec = _ResultRecord(name=session.result_stream.replace("-", "_"))
+    record = session.score_record
+    result_rec = session.result_record
     counter = session.counter
     old_roi = scorer.roi
     scorer.roi = roi
@@ -313,8 +327,15 @@ def autofocus_stub(
         yield from bps.unsubscribe(token)
         scorer.roi = old_roi
 
-    token = yield from bps.subscribe("all", scorer)
+    # a private forwarder: subscribing the scorer itself would, on unsubscribe, also remove
+    # a session-wide RE.subscribe(scorer) (bluesky registers one callable once); the
+    # scorer ignores events it already scored
+    def forward(name: str, doc: dict[str, Any]) -> None:
+        scorer(name, doc)
+
+    token = yield from bps.subscribe("all", forward)
     res = yield from bpp.contingency_wrapper(body(), except_plan=restore, final_plan=cleanup)
+    del forward
     start_sharp = _sharpness_at(observations, z0)
     ok = (
         res.converged
@@ -369,7 +390,10 @@ def autofocus_stub(
         focus_map=res.focus_map,
         sigma_um=float(res.sigma_um),
     )
-    fmap = res.focus_map if res.focus_map is not None else np.full((1, 1), np.nan)
+    shape = session.map_shape or (1, 1)
+    fmap = np.full(shape, np.nan)  # same shape every time in a run (the writer needs it)
+    if res.focus_map is not None and res.focus_map.shape == shape:
+        fmap = np.asarray(res.focus_map, dtype=float)
     result_rec.update(
         start_z=result.start_z,
         final_z=result.final_z,
@@ -751,8 +775,12 @@ def calibration_plan(
             yield from bps.unsubscribe(token)
             scorer.roi = old_roi
 
-        token = yield from bps.subscribe("all", scorer)
+        def forward(name: str, doc: dict[str, Any]) -> None:
+            scorer(name, doc)
+
+        token = yield from bps.subscribe("all", forward)
         yield from bpp.finalize_wrapper(stack(), cleanup)
+        del forward
         yield from bps.mv(focus, z0)
         dof = _dof_guess(objective)
         cal = Calibration.from_stack(

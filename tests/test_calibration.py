@@ -63,7 +63,18 @@ def test_irregular_curve_is_refused():
     b = list(rng.uniform(0, 3, len(z)))
     b[20] = -1.0
     s = [syn.spectrum(0.0) for _ in z]
-    with pytest.raises(CalibrationError, match="too irregular to trust.*textured, well-exposed"):
+    with pytest.raises(
+        CalibrationError, match="(too irregular to trust|does not grow).*textured, well-exposed"
+    ):
+        fit(z, b, s)
+
+
+def test_stack_without_focus_is_refused():
+    z = np.linspace(-50, 50, 41)
+    b, s = stack(z, shift=400.0)  # every frame far out of focus: a nearly flat curve
+    b = [v + 0.01 * np.sin(i) for i, v in enumerate(b)]
+    b[20] -= 0.05
+    with pytest.raises(CalibrationError, match="(no clear focus|end of the stack|does not grow)"):
         fit(z, b, s)
 
 
