@@ -18,12 +18,13 @@ from typing import Any
 import bluesky.plan_stubs as bps
 import bluesky.preprocessors as bpp
 import numpy as np
-from bluesky.utils import Msg, RunEngineControlException
+from bluesky.utils import FailedStatus, Msg, RunEngineControlException
 from ophyd import Component as Cpt
 from ophyd import Device, Signal
+from ophyd.utils.errors import StatusTimeoutError
 
 from bluesky_deepfocus.calibration import Calibration
-from bluesky_deepfocus.errors import AutofocusFailed, CalibrationError
+from bluesky_deepfocus.errors import AutofocusFailed, CalibrationError, DeviceFault
 from bluesky_deepfocus.results import AutofocusResult
 from bluesky_deepfocus.schema import CALIBRATION_STREAM, MD_KEY, RESULT_STREAM, SCORES_STREAM
 from bluesky_deepfocus.scoring import ROI, FocusFunction, ScoredImage, crop_roi
@@ -190,14 +191,34 @@ def _measure(
     counter: dict[str, int],
     record: _ScoreRecord,
     settle_time: float,
+    retries: int = 2,
+    retry_delay: float = 0.5,
 ) -> Generator[Msg, Any, tuple[Observation, np.ndarray]]:
-    """Move, snap, score (via the subscribed callback), record; return the observation."""
+    """Move, snap, score (via the subscribed callback), record; return the observation.
+
+    A failed move or snap (device error, timeout, wrong frame) is retried ``retries``
+    times after ``retry_delay`` s; then :class:`DeviceFault` is raised (the callers restore
+    the focus). Limit violations are never retried, and RunEngine interruptions (pause,
+    abort, stop) pass straight through.
+    """
     yield from bps.checkpoint()
-    yield from bps.mv(focus, z)
-    if settle_time:
-        yield from bps.sleep(settle_time)
-    before = scorer.scored_count
-    reading = yield from bps.trigger_and_read([camera, focus], name=session.images_stream)
+    attempt = 0
+    while True:
+        try:
+            yield from bps.mv(focus, z)
+            if settle_time:
+                yield from bps.sleep(settle_time)
+            before = scorer.scored_count
+            reading = yield from bps.trigger_and_read([camera, focus], name=session.images_stream)
+            break
+        except (FailedStatus, DeviceFault, TimeoutError, StatusTimeoutError) as exc:
+            attempt += 1
+            if attempt > retries:
+                raise DeviceFault(
+                    f"Giving up after {attempt} attempts to image at z={z!r} um: "
+                    f"{type(exc).__name__}: {exc}. Check the camera and the focus stage."
+                ) from exc
+            yield from bps.sleep(retry_delay)
     seq = counter[session.images_stream] = counter.get(session.images_stream, 0) + 1
     image = np.asarray(reading[_image_key(camera)]["value"])
     z_read = float(reading[focus.name]["value"]) if focus.name in reading else float(z)
@@ -265,6 +286,8 @@ def autofocus_stub(
     settings: DeepFocusSettings | None = None,
     prior: tuple[float, float] | None = None,
     settle_time: float = 0.0,
+    retries: int = 2,
+    retry_delay: float = 0.5,
     stream_prefix: str = "autofocus",
     _session: _Session | None = None,
 ) -> Generator[Msg, Any, AutofocusResult]:
@@ -314,7 +337,17 @@ def autofocus_stub(
             if not lo - 1e-9 <= z <= hi + 1e-9:  # defence in depth: never outside the bounds
                 raise AssertionError(f"search proposed z={z!r} outside [{lo!r}, {hi!r}]")
             obs, _ = yield from _measure(
-                camera, focus, scorer, z, roi, session, counter, record, settle_time
+                camera,
+                focus,
+                scorer,
+                z,
+                roi,
+                session,
+                counter,
+                record,
+                settle_time,
+                retries,
+                retry_delay,
             )
             observations.append(obs)
             search.tell(obs)
@@ -504,6 +537,8 @@ def autofocus_plan(
     settings: DeepFocusSettings | None = None,
     prior: tuple[float, float] | None = None,
     settle_time: float = 0.0,
+    retries: int = 2,
+    retry_delay: float = 0.5,
     md: Mapping[str, Any] | None = None,
 ) -> Generator[Msg, Any, AutofocusResult]:
     """Bring the sample into focus in a few images; one run, every decision recorded.
@@ -540,6 +575,9 @@ def autofocus_plan(
         Tuning of the ``"deepfocus"`` strategy; ``prior=(z, sd)`` warm-starts it.
     settle_time
         Seconds to wait after each move before the snap.
+    retries, retry_delay
+        A failed move or snap is retried this many times, this many seconds apart; then
+        :class:`~bluesky_deepfocus.DeviceFault` is raised and the focus restored.
     md
         Extra metadata for the start document.
 
@@ -594,6 +632,7 @@ def autofocus_plan(
         "max_travel": max_travel,
         "on_failure": on_failure,
         "prior": list(prior) if prior is not None else None,
+        "retries": retries,
     }
     _md = _base_md(
         "autofocus_plan",
@@ -635,6 +674,8 @@ def autofocus_plan(
             settings=settings,
             prior=prior,
             settle_time=settle_time,
+            retries=retries,
+            retry_delay=retry_delay,
             _session=session,
         )
         return result
@@ -673,6 +714,8 @@ def calibration_plan(
     roi: ROI | None = None,
     settle_time: float = 0.0,
     min_r2: float = 0.9,
+    retries: int = 2,
+    retry_delay: float = 0.5,
     md: Mapping[str, Any] | None = None,
 ) -> Generator[Msg, Any, Calibration]:
     """Acquire a relative z-stack of a flat object and fit the instrument's calibration.
@@ -766,6 +809,8 @@ def calibration_plan(
                     session.counter,
                     record,
                     settle_time,
+                    retries,
+                    retry_delay,
                 )
                 zs.append(obs.z)
                 bs.append(obs.blur)
