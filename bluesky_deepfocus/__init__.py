@@ -26,8 +26,26 @@ from .schema import AutofocusSummary
 from .scorer import DeepFocusScorer
 from .scoring import FocusFunction, ScoreResult
 from .search import BrentSearch, DeepFocusSearch, DeepFocusSettings, Observation, PaperSearch
+from .session import configure_session, latest_calibration
+from .storage import (
+    CatalogWriter,
+    close_catalog,
+    deliver_pending,
+    open_catalog,
+    subscribe_writer,
+)
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    """Lazy access to the audit helpers (they import pandas/matplotlib)."""
+    if name in ("focus_history", "plot_focus_trajectory", "plot_autofocus_run"):
+        from . import audit
+
+        return getattr(audit, name)
+    raise AttributeError(f"module 'bluesky_deepfocus' has no attribute {name!r}")
+
 
 __all__ = [
     "CLASSIC_FUNCTIONS",
@@ -40,6 +58,7 @@ __all__ = [
     "CalibrationError",
     "CameraModel",
     "CatalogError",
+    "CatalogWriter",
     "DeepFocusError",
     "DeepFocusScorer",
     "DeepFocusSearch",
@@ -55,7 +74,16 @@ __all__ = [
     "ScoreResult",
     "WeightsError",
     "__version__",
+    "close_catalog",
+    "configure_session",
+    "deliver_pending",
     "fit_focus_plane",
+    "focus_history",
     "get_focus_function",
     "get_objective",
+    "latest_calibration",
+    "open_catalog",
+    "plot_autofocus_run",
+    "plot_focus_trajectory",
+    "subscribe_writer",
 ]

@@ -45,11 +45,9 @@ def _session(args: argparse.Namespace, **kw: Any) -> dict[str, Any]:
 
 
 def _catalog_path(ns: dict[str, Any]) -> str:
-    from .storage import default_catalog_location
+    from .storage import catalog_folder, default_catalog_location
 
-    cat = ns.get("catalog")
-    info = getattr(cat, "_deepfocus_info", None)
-    folder = getattr(info, "folder", None)
+    folder = catalog_folder(ns["catalog"]) if ns.get("catalog") is not None else None
     return str(folder) if folder else default_catalog_location()
 
 

@@ -37,6 +37,7 @@ Strategies
 from __future__ import annotations
 
 import math
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Generator
 from dataclasses import dataclass, field
@@ -359,8 +360,10 @@ def _quad_beats_linear(z: NDArray, b: NDArray) -> bool:
     if len(z) < 3:
         return False
     ss = float(((b - b.mean()) ** 2).sum()) or 1e-12
-    qa = np.polyfit(z, b, 2)
-    la = np.polyfit(z, b, 1)
+    with warnings.catch_warnings():  # nearly coincident positions: the fit says so itself
+        warnings.simplefilter("ignore", np.exceptions.RankWarning)
+        qa = np.polyfit(z, b, 2)
+        la = np.polyfit(z, b, 1)
     r2q = 1 - float(((b - np.polyval(qa, z)) ** 2).sum()) / ss
     r2l = 1 - float(((b - np.polyval(la, z)) ** 2).sum()) / ss
     n = len(z)

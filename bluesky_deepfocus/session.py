@@ -183,9 +183,10 @@ def configure_session(
             ns["calibration"] = None
             print(f"bluesky-deepfocus: {exc}")
     if plans:
-        from . import audit, plans as _plans
+        from . import audit
+        from . import plans as _plans
 
-        for name in _plans.__all__:
+        for name in getattr(_plans, "__all__", ()):
             if name not in ns:
                 ns[name] = getattr(_plans, name)
                 added.append(name)

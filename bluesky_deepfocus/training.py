@@ -280,7 +280,9 @@ class _Stream:
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         while True:
             try:
-                while len(self.pool) < 3 or not self.queue.empty():
+                # a bounded replay pool: the workers block on the full queue instead of
+                # producing data nobody uses (and memory stays flat)
+                while len(self.pool) < 3 or (len(self.pool) < 8 and not self.queue.empty()):
                     self.pool.append(self.queue.get(timeout=600))
                     self.uses.append(0)
             except Exception as exc:  # pragma: no cover

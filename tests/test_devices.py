@@ -11,6 +11,10 @@ import bluesky.plans as bp
 import numpy as np
 import pytest
 from bluesky.utils import FailedStatus
+from event_model import DocumentNames, schema_validators
+from ophyd.utils import LimitError as OphydLimitError
+from pymmcore_plus.experimental.unicore import SimpleCameraDevice, StageDevice
+
 from bluesky_deepfocus.devices import (
     DeviceTimeoutError,
     LimitError,
@@ -19,10 +23,6 @@ from bluesky_deepfocus.devices import (
     MMXYStage,
     frame_spec,
 )
-from event_model import DocumentNames, schema_validators
-from ophyd.utils import LimitError as OphydLimitError
-from pymmcore_plus.experimental.unicore import SimpleCameraDevice, StageDevice
-
 from bluesky_deepfocus.errors import DeviceFault
 from bluesky_deepfocus.sim import SimFaults, get_simulation, new_unicore, simulated_microscope
 

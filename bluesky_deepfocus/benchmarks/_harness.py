@@ -94,7 +94,7 @@ class Bench:
 
         focus.move(0.0).wait(10)
         res = self.RE(calibration_plan(camera, focus, -half_range, half_range, num, scorer=scorer))
-        return res.plan_result
+        return res.plan_result  # type: ignore[union-attr]
 
     def autofocus(
         self,
@@ -130,7 +130,7 @@ class Bench:
                 max_travel=max_travel,
                 **kw,
             )
-        ).plan_result
+        ).plan_result  # type: ignore[union-attr]
         dt = time.perf_counter() - t
         self.plan_seconds += dt
         self.images += res.images_used

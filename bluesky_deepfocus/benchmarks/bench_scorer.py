@@ -64,9 +64,16 @@ def measure_curves(
     gated = {name: np.zeros((len(specimens), n_z), bool) for name in functions}
     t0 = time.time()
     for i, (family, seed) in enumerate(specimens):
+        spec: Any = family
+        spec_px = None
+        if family.startswith("real_"):
+            from ._real import real_specimen
+
+            spec, spec_px = real_specimen(family)
         core = simulated_microscope(
             objective=objective,
-            specimen=family,
+            specimen=spec,
+            specimen_pixel_um=spec_px,
             seed=seed,
             sensor_shape=(sensor, sensor),
             slide_size_um=sensor * obj.pixel_size_um * 1.2
@@ -211,12 +218,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     functions: dict[str, FocusFunction] = {"deepfocus": DeepFocusScorer()}
     for name in args.functions:
         functions[name] = CLASSIC_FUNCTIONS[name]()
-    report: dict[str, Any] = {"model": functions["deepfocus"].describe(), "setups": {}}  # type: ignore[attr-defined]
+    report: dict[str, Any] = {"model": functions["deepfocus"].describe(), "setups": {}}
+    groups: list[tuple[str, str, list[tuple[str, int]]]] = []
     for objective in args.objectives:
-        half = SETUPS[objective]
         n_spec = args.specimens if objective == "10x/0.3" else max(7, args.specimens // 3)
         per_fam = math.ceil(n_spec / len(TEST_FAMILIES))
-        specimens = [(f, 50_000 + s) for f in TEST_FAMILIES for s in range(per_fam)]
+        groups.append(
+            (
+                objective,
+                objective,
+                [(f, 50_000 + s) for f in TEST_FAMILIES for s in range(per_fam)],
+            )
+        )
+    if args.real and "10x/0.3" in args.objectives:
+        from ._real import REAL_SPECIMENS
+
+        groups.append(("10x/0.3 real images", "10x/0.3", [(name, 0) for name in REAL_SPECIMENS]))
+    for label, objective, specimens in groups:
+        half = SETUPS[objective]
         z, raw = measure_curves(objective, half, args.nz, specimens, functions, args.sensor)
         rows = {}
         norms = {}
@@ -237,20 +256,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 ),
                 "no_information_fraction": float(np.mean(raw[f"{name}__gated"])),
             }
-        report["setups"][objective] = {
+        families = sorted({f for f, _ in specimens})
+        report["setups"][label] = {
+            "objective": objective,
             "n_specimens": len(specimens),
+            "families": families,
             "z_points": len(z),
             "half_range_um": half,
             "functions": rows,
         }
-        np.savez_compressed(
-            out_dir / f"curves_{objective.replace('/', '_')}.npz",
-            z=z,
-            **{k: v for k, v in raw.items()},
-        )
-        _plot(
-            out_dir / f"curves_{objective.replace('/', '_')}.png", z, norms, objective, specimens
-        )
+        tag = label.replace("/", "_").replace(" ", "_")
+        np.savez_compressed(out_dir / f"curves_{tag}.npz", z=z, **raw)  # type: ignore[arg-type]
+        _plot(out_dir / f"curves_{tag}.png", z, norms, label, specimens)
     if not args.no_speed:
         report["speed_cpu"] = speed("cpu")
         try:
@@ -274,7 +291,7 @@ def _markdown(report: dict[str, Any]) -> str:
     ]
     for objective, s in report["setups"].items():
         lines += [
-            f"## {objective}: {s['n_specimens']} specimens ({', '.join(TEST_FAMILIES)}), "
+            f"## {objective}: {s['n_specimens']} specimens ({', '.join(s['families'])}), "
             f"z = +/-{s['half_range_um']:g} um, {s['z_points']} planes",
             "",
             "| function | SD (central) | H (paper) | H(|Z| given B) bits | depth range um | monotone to 120 um | raw offset spread | no-information frames |",
@@ -349,6 +366,9 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     )
     p.add_argument("--out", default="bench_results/scorer")
     p.add_argument("--no-speed", action="store_true")
+    p.add_argument(
+        "--real", action="store_true", help="also real micrographs (scikit-image) at 10x"
+    )
     return p
 
 
