@@ -36,6 +36,7 @@ def _session(args: argparse.Namespace, **kw: Any) -> dict[str, Any]:
             config_file=getattr(args, "config", None),
             objective=getattr(args, "objective", "10x/0.3"),
             specimen=getattr(args, "specimen", "tissue"),
+            sensor=getattr(args, "sensor", 512),
             catalog=args.catalog or True,
             live_table=False,
             progress=False,
@@ -227,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sp.add_argument("--objective", default="10x/0.3", help="simulated objective")
         sp.add_argument("--specimen", default="tissue", help="simulated specimen family")
+        sp.add_argument("--sensor", type=int, default=512, help="simulated sensor size (pixels)")
 
     d = sub.add_parser(
         "demo", help="simulated microscope: calibrate, defocus, autofocus, summary + plot"

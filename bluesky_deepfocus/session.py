@@ -62,6 +62,7 @@ def configure_session(
     config_file: str | os.PathLike[str] | None = None,
     objective: str = "10x/0.3",
     specimen: str = "tissue",
+    sensor: int = 512,
     catalog: str | os.PathLike[str] | bool | None = True,
     weights: str | os.PathLike[str] | None = None,
     device: str = "cpu",
@@ -79,8 +80,8 @@ def configure_session(
         returned by ``session_objects()``.
     config_file
         A Micro-Manager ``MMConfig.cfg``; default the simulated microscope.
-    objective, specimen
-        For the simulated microscope.
+    objective, specimen, sensor
+        For the simulated microscope (sensor: side in pixels).
     catalog
         ``True``: the default embedded catalog; a folder or ``http(s)://`` URL; ``False``:
         no storage.
@@ -143,7 +144,12 @@ def configure_session(
     else:
         from .sim import simulated_microscope
 
-        core = put("core", lambda: simulated_microscope(objective=objective, specimen=specimen))
+        core = put(
+            "core",
+            lambda: simulated_microscope(
+                objective=objective, specimen=specimen, sensor_shape=(sensor, sensor)
+            ),
+        )
     from .devices import MMCamera, MMFocusStage, MMXYStage
 
     camera = put("camera", lambda: MMCamera(core, name="camera"))

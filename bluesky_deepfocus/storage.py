@@ -925,7 +925,11 @@ class _RunRecorder:
             else:
                 from bluesky_tiled_plugins import TiledWriter
 
-                self.writer = TiledWriter(client, batch_size=self.owner.batch_size)
+                # every array as its own node: TiledWriter puts arrays of <= 16 values in
+                # the SQL event table, where 2-D ones (e.g. a 4x4 blur map) fail in Arrow
+                self.writer = TiledWriter(
+                    client, batch_size=self.owner.batch_size, max_array_size=0
+                )
         if self.writer is not None and self.failure is None:
             try:
                 self.writer(name, doc)
@@ -1236,7 +1240,7 @@ def _replay_locked(client: Any, path: Path) -> str:
             path.unlink()
             return uid
         client.delete_contents(uid, recursive=True, external_only=False)
-    writer = TiledWriter(client)
+    writer = TiledWriter(client, max_array_size=0)
     tracker = _ReplayTracker()
     writer("start", start)
     last_time = float(start.get("time", time.time()))

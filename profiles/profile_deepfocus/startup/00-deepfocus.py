@@ -10,4 +10,5 @@ configure_session(
     get_ipython().user_ns,  # noqa: F821 - provided by IPython
     config_file=os.environ.get("BLUESKY_DEEPFOCUS_CONFIG") or None,
     objective=os.environ.get("BLUESKY_DEEPFOCUS_OBJECTIVE", "10x/0.3"),
+    sensor=int(os.environ.get("BLUESKY_DEEPFOCUS_SENSOR", "512")),
 )
