@@ -535,7 +535,8 @@ class DeepFocusSearch(Search):
             plo, phi = prior[0] - 8 * prior[1], prior[0] + 8 * prior[1]
             if phi > glo and plo < ghi:
                 glo, ghi = max(glo, plo), min(ghi, phi)
-        self.grid = _grid(glo, ghi, max(step, (ghi - glo) / 1500))
+        # a coarse grid (<= 400 candidates) locates the basin; _refined() zooms in
+        self.grid = _grid(glo, ghi, max(step, (ghi - glo) / 400))
         self._post: tuple[float, float, NDArray, NDArray] | None = None
         self._verified = False
 
@@ -606,7 +607,7 @@ class DeepFocusSearch(Search):
         pd = 1.0 / self.s.exposure_sigma**2
         wB = np.zeros_like(wA)
         wC = np.zeros_like(wA)
-        for _ in range(3):
+        for _ in range(2):
             w = wA + wB + wC
             y = (
                 wA * yA
@@ -671,10 +672,12 @@ class DeepFocusSearch(Search):
         return f, sd, grid, p, info
 
     def _refined(self) -> tuple[float, float, dict[str, float]]:
-        """Posterior mode and sd, re-evaluated on a fine grid around the coarse mode."""
+        """Posterior mode and sd, re-evaluated on a fine grid (<= 150 points) around the
+        coarse mode."""
         f, sd, _g, _p, info = self._posterior()
-        half = max(6 * sd, 0.5 * self.dof)
-        step = max(min(sd / 10, self.s.grid_dof * self.dof), 0.002)
+        coarse = float(self.grid[1] - self.grid[0]) if len(self.grid) > 1 else self.dof
+        half = max(3 * coarse, min(6 * sd, 40 * coarse), 0.5 * self.dof)
+        step = max(2 * half / 150, min(sd / 10, self.s.grid_dof * self.dof), 0.002)
         fine = _grid(max(self.grid[0], f - half), min(self.grid[-1], f + half), step)
         if len(fine) >= 5:
             f2, sd2, _, _, info2 = self._posterior(fine)
@@ -827,7 +830,7 @@ class DeepFocusSearch(Search):
         if shape is None or 0 in shape:
             return None
         half = max(4 * sd, 3 * self.dof)
-        step = max(self.s.grid_dof * self.dof, 0.01)
+        step = max(2 * half / 120, 0.01)
         grid = _grid(max(self.grid[0], f - half), min(self.grid[-1], f + half), step)
         zs = np.array([o.z for o in obs])
         out = np.full(shape, np.nan)
@@ -872,22 +875,68 @@ def _grid(lo: float, hi: float, step: float) -> NDArray[np.float64]:
     return g if g[-1] >= hi - 1e-12 else np.append(g, np.float64(hi))
 
 
+def _banded_solve(a0: NDArray, a1: NDArray, a2: NDArray, b: NDArray) -> NDArray:
+    """Solve symmetric positive-definite pentadiagonal systems, batched over rows.
+
+    ``a0 (F, K)`` diagonal, ``a1 (F, K-1)`` and ``a2 (F, K-2)`` the first and second
+    off-diagonals, ``b (F, K, R)`` right-hand sides; banded Cholesky, O(F K R).
+    """
+    F, K = a0.shape
+    d = np.empty((F, K))
+    e = np.zeros((F, K))
+    f = np.zeros((F, K))
+    for k in range(K):
+        v = (
+            a0[:, k]
+            - (e[:, k - 1] ** 2 if k >= 1 else 0.0)
+            - (f[:, k - 2] ** 2 if k >= 2 else 0.0)
+        )
+        d[:, k] = np.sqrt(np.maximum(v, 1e-12))
+        if k + 1 < K:
+            e[:, k] = (a1[:, k] - (f[:, k - 1] * e[:, k - 1] if k >= 1 else 0.0)) / d[:, k]
+        if k + 2 < K:
+            f[:, k] = a2[:, k] / d[:, k]
+    y = np.empty_like(b)
+    for k in range(K):
+        v = b[:, k].copy()
+        if k >= 1:
+            v -= e[:, k - 1, None] * y[:, k - 1]
+        if k >= 2:
+            v -= f[:, k - 2, None] * y[:, k - 2]
+        y[:, k] = v / d[:, k, None]
+    x = np.empty_like(b)
+    for k in range(K - 1, -1, -1):
+        v = y[:, k].copy()
+        if k + 1 < K:
+            v -= e[:, k, None] * x[:, k + 1]
+        if k + 2 < K:
+            v -= f[:, k, None] * x[:, k + 2]
+        x[:, k] = v / d[:, k, None]
+    return x
+
+
 def _solve_two_way(w: NDArray, y: NDArray, P: NDArray, pd: float) -> tuple[NDArray, NDArray]:
     """Minimize sum w (y - c_k - d_i)^2 + c'Pc + pd |d|^2 for every candidate (batched).
 
-    ``w, y``: ``(F, N, K)``; returns ``c (F, K)`` and ``d (F, N)``.
+    ``w, y``: ``(F, N, K)``; ``P`` is pentadiagonal ``(K, K)``. Exact: ``c`` is eliminated
+    with a banded Cholesky of ``M = P + diag(sum_i w)`` (N + 1 right-hand sides), leaving
+    an N x N system for the per-frame offsets ``d``. Returns ``c (F, K)``, ``d (F, N)``.
     """
     F, N, K = w.shape
-    A = np.zeros((F, K + N, K + N))
-    b = np.zeros((F, K + N))
-    A[:, :K, :K] = P[None] + np.einsum("fk,kl->fkl", w.sum(axis=1), np.eye(K))
-    A[:, K:, K:] = np.einsum("fi,ij->fij", w.sum(axis=2) + pd, np.eye(N))
-    A[:, :K, K:] = np.transpose(w, (0, 2, 1))
-    A[:, K:, :K] = w
-    b[:, :K] = (w * y).sum(axis=1)
-    b[:, K:] = (w * y).sum(axis=2)
-    x = np.linalg.solve(A, b[..., None])[..., 0]
-    return x[:, :K], x[:, K:]
+    wk = w.sum(axis=1)
+    a0 = np.diag(P)[None, :] + wk
+    a1 = np.broadcast_to(np.diag(P, 1)[None, :], (F, K - 1))
+    a2 = np.broadcast_to(np.diag(P, 2)[None, :], (F, K - 2))
+    bc = (w * y).sum(axis=1)  # (F, K)
+    Wt = np.transpose(w, (0, 2, 1))  # (F, K, N)
+    sol = _banded_solve(a0, a1, a2, np.concatenate([bc[:, :, None], Wt], axis=2))
+    m_bc, m_wt = sol[:, :, 0], sol[:, :, 1:]  # M^-1 bc, M^-1 W'
+    S = np.einsum("fik,fkj->fij", w, m_wt)  # W M^-1 W'
+    A = np.einsum("fi,ij->fij", w.sum(axis=2) + pd, np.eye(N)) - S
+    rhs = (w * y).sum(axis=2) - np.einsum("fik,fk->fi", w, m_bc)
+    d = np.linalg.solve(A, rhs[..., None])[..., 0]
+    c = m_bc - np.einsum("fkn,fn->fk", m_wt, d)
+    return c, d
 
 
 def make_search(strategy: str, calibration: Calibration | None, **kw: Any) -> Search:

@@ -28,6 +28,9 @@ the same-family case. Cells:
 ``overhead``
     per-image overhead of the plan (RunEngine, documents, scoring bookkeeping), exposure,
     moves and CNN excluded.
+``storage``
+    extra RunEngine time of storing one autofocus run in the embedded catalog (journal +
+    TiledWriter), and the time until it is stored.
 
 Writes ``autofocus_benchmark.md`` / ``.json`` and PNG plots to ``--out``.
 """
@@ -312,6 +315,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if "overhead" in cells:
         report["cells"]["overhead"] = _overhead(bench, cals["10x/0.3"], scorer)
         print(f"[overhead] {report['cells']['overhead']}", flush=True)
+    if "storage" in cells:
+        report["cells"]["storage"] = _storage_cost(bench, cals["10x/0.3"], scorer)
+        print(f"[storage] {report['cells']['storage']}", flush=True)
     (out_dir / "autofocus_benchmark.json").write_text(json.dumps(report, indent=2, default=float))
     md = _markdown(report)
     (out_dir / "autofocus_benchmark.md").write_text(md)
@@ -505,6 +511,57 @@ def _overhead(bench: Bench, cal: Any, scorer: Any, repeats: int = 6) -> dict[str
     }
 
 
+def _storage_cost(bench: Bench, cal: Any, scorer: Any, repeats: int = 5) -> dict[str, Any]:
+    """Extra RunEngine time of storing one real autofocus run (5 images of 512x512 uint16,
+    their scores, maps, spectra and the decision) in the embedded catalog, with the
+    write-ahead journal: median over ``repeats`` of (with writer - without writer)."""
+    import tempfile
+
+    from ..storage import close_catalog, open_catalog, subscribe_writer
+
+    _, cam, foc, sim = bench.microscope("10x/0.3", "tissue", 61)
+
+    def one() -> float:
+        t = bench.autofocus(
+            cam,
+            foc,
+            sim,
+            cal,
+            scorer,
+            strategy="deepfocus",
+            start_z=0.0,
+            true_focus=20.0,
+            budget=(5, 5),
+            max_travel=100.0,
+            family="tissue",
+            seed=61,
+        )
+        return t.seconds
+
+    one()  # warm caches
+    bare = [one() for _ in range(repeats)]
+    with tempfile.TemporaryDirectory() as tmp:
+        cat = open_catalog(Path(tmp) / "cat")
+        writer = subscribe_writer(bench.RE, cat)
+        try:
+            with_writer, stored = [], []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                with_writer.append(one())
+                writer.flush()
+                stored.append(time.perf_counter() - t0)
+        finally:
+            bench.RE.unsubscribe(writer.token) if writer.token is not None else None
+            writer.flush()
+            close_catalog(cat)
+    return {
+        "run_s_without_writer": float(np.median(bare)),
+        "run_s_with_writer": float(np.median(with_writer)),
+        "added_s_per_run": float(np.median(with_writer) - np.median(bare)),
+        "until_stored_s": float(np.median(stored)),
+    }
+
+
 def _plot_fig4(path: Path, curves: dict[str, dict[str, list[float]]]) -> None:
     import matplotlib
 
@@ -539,7 +596,7 @@ def _markdown(report: dict[str, Any]) -> str:
                     f"{r['p95_abs_um']:.3f} | {r['max_abs_um']:.3f} | {r['within_1um']:.2f} | "
                     f"{r['mean_images']:.1f}/{r['max_images']:.0f} | {int(r['n'])} |"
                 )
-    for name in ("tilt", "tiles", "timelapse", "overhead"):
+    for name in ("tilt", "tiles", "timelapse", "overhead", "storage"):
         if name in report["cells"]:
             lines.append(f"\n- {name}: " + json.dumps(report["cells"][name], default=float))
     return "\n".join(lines) + "\n"
@@ -555,6 +612,7 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
         default=[
             "near",
             "far",
+            "real",
             "three",
             "obj20",
             "obj40",
@@ -562,6 +620,7 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
             "tiles",
             "timelapse",
             "overhead",
+            "storage",
             "fig4",
         ],
     )
