@@ -204,7 +204,7 @@ def start_tiled(
     port: int | None = None,
     database: str | None = None,
     api_key: str | None = None,
-    timeout: float = 90.0,
+    timeout: float = 300.0,
 ) -> TiledServer:
     """``tiled serve config deploy/tiled-postgres.yml`` on a loopback port; wait for health."""
     import httpx

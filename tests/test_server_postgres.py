@@ -26,7 +26,7 @@ from bluesky_deepfocus.storage import (
 # Fixtures (facility_server, postgres) are used by name as test arguments.
 from ._servers import facility_server, free_port, postgres, start_tiled  # noqa: F401
 
-pytestmark = pytest.mark.postgres
+pytestmark = [pytest.mark.postgres, pytest.mark.timeout(900)]  # server start-up on a cold machine
 
 
 @pytest.fixture
