@@ -53,9 +53,10 @@ class AutofocusResult(AutofocusSummary):
 def fit_focus_plane(
     focus_map: NDArray[np.float64], patch_size: int, pixel_size_um: float
 ) -> tuple[float, float, float]:
-    """Least-squares plane ``z = z0 + sx * x + sy * y`` through a per-patch focus map.
+    """Robust least-squares plane ``z = z0 + sx * x + sy * y`` through a per-patch focus map.
 
-    ``x, y`` in um from the map centre; returns ``(z0, sx, sy)`` (slopes in um/um).
+    ``x, y`` in um from the map centre (x along columns); returns ``(z0, sx, sy)`` (slopes in
+    um/um). Patches more than 3.5 MADs off the plane are dropped and the plane refitted.
     """
     fm = np.asarray(focus_map, dtype=float)
     rows, cols = fm.shape
@@ -67,6 +68,16 @@ def fit_focus_plane(
         raise ValueError(
             f"Need at least 3 informative patches to fit a plane, got {int(ok.sum())}."
         )
-    A = np.column_stack([np.ones(ok.sum()), xx[ok], yy[ok]])
-    coef, *_ = np.linalg.lstsq(A, fm[ok], rcond=None)
+    x, y, z = xx[ok], yy[ok], fm[ok]
+    keep = np.ones(len(z), bool)
+    coef = np.zeros(3)
+    for _ in range(4):  # robust: drop patches far off the plane (3.5 x the MAD), refit
+        A = np.column_stack([np.ones(keep.sum()), x[keep], y[keep]])
+        coef, *_ = np.linalg.lstsq(A, z[keep], rcond=None)
+        r = z - (coef[0] + coef[1] * x + coef[2] * y)
+        mad = 1.4826 * float(np.median(np.abs(r[keep] - np.median(r[keep]))))
+        new_keep = np.abs(r) <= max(3.5 * mad, 1e-6)
+        if new_keep.sum() < 3 or np.array_equal(new_keep, keep):
+            break
+        keep = new_keep
     return float(coef[0]), float(coef[1]), float(coef[2])

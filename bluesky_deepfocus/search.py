@@ -856,12 +856,18 @@ class DeepFocusSearch(Search):
             scale = max(1.0, float(chi2[j] / max(dof[j], 1.0))) if np.any(dof > 0) else 1.0
             total = cost + chi2 / scale
             i = int(np.argmin(total))
+            if i < 2 or i > len(grid) - 3:
+                continue  # at the edge of the window: this patch does not know
+            p = np.exp(-0.5 * (total - total[i]))
+            p /= p.sum()
+            mean = float((p * grid).sum())
+            if math.sqrt(float((p * (grid - mean) ** 2).sum())) > 0.3 * self.dof:
+                continue  # too little information in this patch
             fi = float(grid[i])
-            if 0 < i < len(grid) - 1:
-                y0, y1, y2 = total[i - 1], total[i], total[i + 1]
-                den = y0 - 2 * y1 + y2
-                if den > 0:
-                    fi += float(np.clip(0.5 * (y0 - y2) / den, -1, 1)) * step
+            y0, y1, y2 = total[i - 1], total[i], total[i + 1]
+            den = y0 - 2 * y1 + y2
+            if den > 0:
+                fi += float(np.clip(0.5 * (y0 - y2) / den, -1, 1)) * step
             out[idx] = fi
         return out
 

@@ -23,6 +23,8 @@ Warm starts
     ``prior_sd`` defaults to a quarter of the calibration's depth of field (below that
     the image barely changes). A prior wider than half the calibration's z range carries
     no information and the refocus starts cold. Failed refocuses are never used as priors.
+    A warm-started refocus uses at most :data:`WARM_MAX_IMAGES` (3) images and may stop
+    after 2.
 """
 
 from __future__ import annotations
@@ -302,6 +304,10 @@ class _Refocuser:
         yield from bps.create(name=self.refocus_stream)
         yield from bps.read(self.record)
         yield from bps.save()
+        kwargs = dict(self.stub_kwargs)
+        if prior is not None:  # warm start: a small budget is enough (WARM_MAX_IMAGES)
+            kwargs["max_images"] = min(int(kwargs.get("max_images", 8)), WARM_MAX_IMAGES)
+            kwargs["min_images"] = min(int(kwargs.get("min_images", 3)), 2, kwargs["max_images"])
         stub = autofocus_stub(
             self.camera,
             self.focus,
@@ -309,7 +315,7 @@ class _Refocuser:
             scorer=self.scorer,
             prior=prior,
             _session=self.session,
-            **self.stub_kwargs,
+            **kwargs,
         )
         result: AutofocusResult = yield from bpp.msg_mutator(stub, self._same_records)
         if not self.session.run_uid:  # learn the host run's uid from the scored images
@@ -320,6 +326,10 @@ class _Refocuser:
             result = dataclasses.replace(result, run_uid=self.session.run_uid)
         self.history.append((result, time.monotonic()))
         return result
+
+
+WARM_MAX_IMAGES = 3
+"""Image budget of a warm-started refocus (the search starts from the last result)."""
 
 
 class _WarmStart:

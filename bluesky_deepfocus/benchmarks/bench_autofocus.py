@@ -424,29 +424,41 @@ def _tiles(bench: Bench, cal: Any, scorer: Any) -> dict[str, Any]:
 
 
 def _timelapse(bench: Bench, cal: Any, scorer: Any) -> dict[str, Any]:
+    """30 frames one (simulated) minute apart with 2 um/min drift.
+
+    The simulated clock is frozen and advanced explicitly -- 60 s after each frame and
+    0.5 s per autofocus image (exposure + move) -- so the result does not depend on how
+    fast this machine computes.
+    """
     from ..plans import timelapse_plan
 
     rate = 2.0 / 60.0  # 2 um per minute
     _core, cam, foc, sim = bench.microscope(
-        "10x/0.3", "neurons", 41, drift_um_per_s=rate, time_scale=60.0
+        "10x/0.3", "neurons", 41, drift_um_per_s=rate, time_scale=0.0
     )
     sim.set_true_focus(5.0)
     foc.move(0.0).wait(10)
     errs: list[float] = []
-    imgs: list[int] = []
+    streams: dict[str, str] = {}
 
-    def check(name: str, doc: dict[str, Any]) -> None:
-        if name == "event" and "camera_image" in doc["data"] and "focus" in doc["data"]:
-            errs.append(float(doc["data"]["focus"] - sim.true_focus_at()))
+    def clock(name: str, doc: dict[str, Any]) -> None:
+        if name == "descriptor":
+            streams[doc["uid"]] = doc.get("name", "")
+        elif name == "event":
+            stream = streams.get(doc["descriptor"], "")
+            if stream == "primary":
+                errs.append(float(doc["data"]["focus"] - sim.true_focus_at()))
+                sim.advance(60.0)
+            elif stream.endswith("_images"):
+                sim.advance(0.5)
 
-    token = bench.RE.subscribe(check, "event")
+    token = bench.RE.subscribe(clock)
     try:
-        res = bench.RE(timelapse_plan(cam, foc, cal, 30, 1.0, scorer=scorer)).plan_result  # type: ignore[union-attr]
+        res = bench.RE(timelapse_plan(cam, foc, cal, 30, 0.0, scorer=scorer)).plan_result  # type: ignore[union-attr]
     finally:
         bench.RE.unsubscribe(token)
-    primary = errs[-30:] if len(errs) >= 30 else errs
     imgs = [r.images_used for r in res]
-    e = np.abs(primary)
+    e = np.abs(errs)
     return {
         "frames": len(e),
         "max_abs_um": float(e.max()) if len(e) else float("nan"),
