@@ -172,7 +172,7 @@ def _cells(shape, px, rng):
     n = max(1, _n_for_density(shape, px, rng.uniform(0.3, 3.0), rng))
     centers = _uniform_points(n, shape, rng, pad=10 / px)
     radii = rng.uniform(8, 25, n) / px
-    body = _blob_mask(shape, centers, radii, rng, wobble=0.6, edge_px=rng.uniform(0.3, 1.5))
+    body = _blob_mask(shape, centers, radii, rng, wobble=0.6, edge_px=rng.uniform(0.3, 0.8))
     tex = _fractal_noise(shape, rng, rng.uniform(0.5, 1.5), rng.uniform(0.5, 2.0) / px)
     cyto = body * np.clip(0.6 + 0.25 * tex, 0.05, None)
     nuc = _blob_mask(shape, centers, radii * rng.uniform(0.25, 0.45), rng, edge_px=0.8)
@@ -186,7 +186,7 @@ def _filaments(shape, px, rng):
     length = min(rng.uniform(20, 200) / px, 4.0 * max(shape))
     ys, xs, w = _curves(shape, rng, n, length, rng.uniform(5, 60) / px)
     img = _splat(shape, ys, xs, w)
-    img = _gauss_blur(img, rng.uniform(0.0, 0.2) / px)
+    img = _gauss_blur(img, rng.uniform(0.0, 0.1) / px)
     img *= 1.0 / max(1e-6, np.percentile(img[img > 0], 99) if np.any(img > 0) else 1.0)
     return img + rng.uniform(0.0, 0.1)
 
@@ -209,7 +209,7 @@ def _puncta(shape, px, rng):
 def _texture(shape, px, rng):
     """Flat textured object: 1/f^beta noise, optionally thresholded (paper-like calibration)."""
     beta = rng.uniform(0.6, 1.8)
-    t = _fractal_noise(shape, rng, beta, rng.uniform(0.0, 0.6) / px)
+    t = _fractal_noise(shape, rng, beta, rng.uniform(0.0, 0.15) / px)
     if rng.random() < 0.4:
         t = (t > rng.uniform(-0.5, 1.0)).astype(np.float64) + 0.3 * t
     t = t - t.min()
@@ -240,7 +240,7 @@ def _edges(shape, px, rng):
             th = rng.uniform(0, np.pi)
             u = xx * np.cos(th) + yy * np.sin(th)
             d = (np.abs(((u / period) % 1.0) - 0.5) - 0.25) * period
-        cov = np.clip(0.5 - d / rng.uniform(0.3, 1.0), 0, 1)
+        cov = np.clip(0.5 - d / rng.uniform(0.3, 0.7), 0, 1)
         img = img * (1 - cov) + val * cov
     return img
 
@@ -424,7 +424,9 @@ def _photos(shape, px, rng):
     img = photos[int(rng.integers(len(photos)))]
     h0, w0 = img.shape
     min_scale = max((shape[0] + 4) / (h0 - 2), (shape[1] + 4) / (w0 - 2))
-    scale = max(float(np.exp(rng.uniform(np.log(0.5), np.log(3.0)))), min_scale)
+    # downsampled or at most slightly magnified: photographs stay sharp at the pixel
+    # level, so all blur in the training data is optical blur
+    scale = max(float(np.exp(rng.uniform(np.log(0.4), np.log(1.2)))), min_scale)
     need = (
         min(h0, int(np.ceil(shape[0] / scale)) + 2),
         min(w0, int(np.ceil(shape[1] / scale)) + 2),

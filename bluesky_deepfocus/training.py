@@ -9,13 +9,15 @@ Data recipe (:class:`DataRecipe`), generated on the fly by worker processes from
 * a pixel size ``q`` times the Nyquist pixel ``lambda / (4 NA)``, q log-uniform in
   [0.5, 12]: from over-sampled cameras to the coarse levels of the scorer's pyramid
   (the scorer block-averages frames by 2, 4, 8 to see large blurs in a 128 px patch, so
-  the network is trained on exactly those samplings);
+  the network is trained on exactly those samplings; beyond q = 3 only blurs of at least
+  2.5 px are drawn, since the scorer uses coarse levels only for large blurs);
 * defocus within +/-16 DOF, drawn so that the blur radius in pixels is log-uniform up to
   45 px (plus 15 % near focus);
 * a specimen from :data:`.specimens.TRAIN_FAMILIES` only (procedural families and
-  natural photographs; never the test families nor any microscopy image), 20 % of them
-  inverted (transmitted light), rendered without wrap-around, cut into 128x128 patches;
-* camera: 3-3000 photo-electrons per unit intensity, read noise 0.5-3 e-, gain,
+  natural photographs; never the test families nor any microscopy image), sharp at the
+  pixel level so that all blur in the data is optical, 20 % of them inverted
+  (transmitted light), rendered without wrap-around, cut into 128x128 patches;
+* camera: 10-3000 photo-electrons per unit intensity, read noise 0.5-3 e-, gain,
   offset, 12 or 16 bit, 8 % of scenes pushed into saturation, 5 % blank patches;
 * label ``ln r`` with ``r = sqrt(2 r50^2 + 0.25)`` px from the actual PSF's 50 %
   encircled-energy radius (aberrations included; the geometric blur radius far from
@@ -73,9 +75,11 @@ class DataRecipe:
     q_range: tuple[float, float] = (0.5, 12.0)
     max_defocus_dof: float = 16.0
     r_max_px: float = 45.0
+    coarse_q: float = 3.0  # beyond this sampling (the scorer's coarse pyramid levels) ...
+    coarse_r_min_px: float = 2.5  # ... only blurs of at least this many pixels are drawn
     in_focus_fraction: float = 0.15
     aberration_rms_max: float = 0.12
-    photons_range: tuple[float, float] = (3.0, 3000.0)
+    photons_range: tuple[float, float] = (10.0, 3000.0)
     read_noise_range: tuple[float, float] = (0.5, 3.0)
     saturate_fraction: float = 0.08
     blank_fraction: float = 0.05
@@ -123,10 +127,16 @@ def _sample_defocus(rng: np.random.Generator, inst: dict[str, Any], r: DataRecip
     tan_t = math.tan(math.asin(na / n))
     r0 = _radius_px(inst, 0.0)
     r_hi = min(r.r_max_px, _radius_px(inst, r.max_defocus_dof * dof))
+    r_lo = r0 * 1.02
+    if inst["q"] > r.coarse_q:
+        # the scorer only consults coarse levels for large blurs: no sub-pixel focus here
+        r_lo = max(r_lo, r.coarse_r_min_px)
     sign = 1.0 if rng.random() < 0.5 else -1.0
-    if rng.random() < r.in_focus_fraction or r_hi <= r0 * 1.05:
+    if r_lo >= r_hi:
+        r_lo = r_hi / 1.05
+    if inst["q"] <= r.coarse_q and (rng.random() < r.in_focus_fraction or r_hi <= r0 * 1.05):
         return float(rng.uniform(-0.5, 0.5) * min(dof, r.max_defocus_dof * dof))
-    rad = math.exp(rng.uniform(math.log(r0 * 1.02), math.log(r_hi)))
+    rad = math.exp(rng.uniform(math.log(r_lo), math.log(r_hi)))
     r_geo = math.sqrt(max(rad * rad - r0 * r0, 0.0))
     return sign * r_geo * px / tan_t
 
@@ -439,7 +449,7 @@ def train(cfg: TrainConfig, *, command: str = "", progress: bool = True) -> dict
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             opt.step()
             with torch.no_grad():
-                decay = min(0.999, (1 + step) / (10 + step))
+                decay = min(0.998, (1 + step) / (10 + step))
                 for pe, pm in zip(
                     ema.state_dict().values(), model.state_dict().values(), strict=True
                 ):

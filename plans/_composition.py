@@ -52,9 +52,7 @@ from ._autofocus import (
     _check_calibration,
     _config_value,
     _limits_of,
-    _ResultRecord,
     _run_returning,
-    _ScoreRecord,
     _Session,
     _validate,
     autofocus_stub,
@@ -258,7 +256,6 @@ class _Refocuser:
         self.session.run_uid = run_uid
         self.refocus_stream = f"{prefix}_refocus"
         self.record = _RefocusRecord(name=self.refocus_stream)
-        self._records: dict[str, Device] = {}
         self.history: list[tuple[AutofocusResult, float]] = []  # result, monotonic end time
 
     @property
@@ -270,19 +267,6 @@ class _Refocuser:
         """The latest converged result and when it ended (``time.monotonic``)."""
         ok = [h for h in self.history if h[0].status == "converged"]
         return ok[-1] if ok else None
-
-    def _same_records(self, msg: Msg) -> Msg:
-        # autofocus_stub makes new record devices on every call; read the first ones again
-        obj = msg.obj
-        if msg.command != "read" or not isinstance(obj, _ScoreRecord | _ResultRecord):
-            return msg
-        keep = self._records.setdefault(obj.name, obj)
-        if keep is obj:
-            return msg
-        for cpt in obj.component_names:
-            src = getattr(obj, cpt)
-            getattr(keep, cpt).put(src.get(), timestamp=src.timestamp)
-        return Msg(msg.command, keep, *msg.args, run=msg.run, **msg.kwargs)
 
     def refocus(
         self,
@@ -317,7 +301,7 @@ class _Refocuser:
             _session=self.session,
             **kwargs,
         )
-        result: AutofocusResult = yield from bpp.msg_mutator(stub, self._same_records)
+        result: AutofocusResult = yield from stub
         if not self.session.run_uid:  # learn the host run's uid from the scored images
             latest = self.scorer.latest
             if latest is not None and latest.stream == self.session.images_stream:
