@@ -38,6 +38,8 @@ __all__ = ["DeepFocusScorer"]
 
 _LO = math.log(1.5)  # below this many pixels a coarse level only gives an upper bound
 _HI = math.log(30.0)  # above this a 128 px patch no longer holds the blur
+_SOFT = math.log(12.0)  # above this, prefer a coarser level when one measured the patch
+_NEXT = math.log(6.0)  # compute the next coarser level where the blur exceeds this
 _EDGE = 0.15
 
 
@@ -153,15 +155,13 @@ class DeepFocusScorer(FocusFunction):
         img, (oy, ox) = crop_roi(img, roi, PATCH)
         fine, (rows, cols, y0, x0) = to_patches(img, PATCH)
         sat_frac = self._saturated_fraction(fine, sat)
+        n = len(fine)
+        # per level and fine patch: ln r (full-resolution pixels), sigma, p_info (NaN: not computed)
+        levels: list[tuple[NDArray, NDArray, NDArray, NDArray]] = []
         out = self.predict_patches(fine)
-        mu = out["ln_r"]
-        # fused estimate: sum of w * ln r and sum of w, per fine patch
-        w0 = out["p_info"] * _sigmoid((_HI - mu) / _EDGE) / out["sigma"] ** 2
-        num = w0 * mu
-        den = w0.copy()
-        conf = out["p_info"] * np.where(mu < _HI, 1.0, _sigmoid((_HI - mu) / _EDGE))
-        need = mu > math.log(8.0)
-        level_counts = [len(fine)]
+        levels.append((out["ln_r"], out["ln_r"], out["sigma"], out["p_info"]))
+        need = out["ln_r"] > _NEXT
+        level_counts = [n]
         # centre of each fine patch in crop coordinates
         cy = (y0 + (np.arange(rows) + 0.5) * PATCH)[:, None].repeat(cols, 1).ravel()
         cx = (x0 + (np.arange(cols) + 0.5) * PATCH)[None, :].repeat(rows, 0).ravel()
@@ -184,15 +184,45 @@ class DeepFocusScorer(FocusFunction):
             lut[wanted] = np.arange(len(wanted))
             k = lut[i * pcol + j]
             use = need & (k >= 0)
-            ks = k[use]
-            mu_s = res["ln_r"][ks]
-            gate = _sigmoid((mu_s - _LO) / _EDGE) * _sigmoid((_HI - mu_s) / _EDGE)
-            w = res["p_info"][ks] * gate / res["sigma"][ks] ** 2
-            num[use] += w * (mu_s + math.log(s))
-            den[use] += w
-            conf[use] = np.maximum(conf[use], res["p_info"][ks] * gate)
-            need = need & (k >= 0) & (res["ln_r"][np.maximum(k, 0)] > math.log(8.0))
-        values = np.where(den > 0, num / np.maximum(den, 1e-12), np.nan)
-        conf = np.where(np.isfinite(values), conf, 0.0)
+            own = np.full(n, np.nan)
+            sig = np.full(n, np.nan)
+            pin = np.zeros(n)
+            own[use] = res["ln_r"][k[use]]
+            sig[use] = res["sigma"][k[use]]
+            pin[use] = res["p_info"][k[use]]
+            levels.append((own + math.log(s), own, sig, pin))
+            need = use & (own > _NEXT)
+        values, conf = _fuse(levels)
         conf[sat_frac > self.max_saturated_fraction] = 0.0
         return self._result(values, conf, rows, cols, (oy + y0, ox + x0), levels=level_counts)
+
+
+def _fuse(levels: list[tuple[NDArray, NDArray, NDArray, NDArray]]) -> tuple[NDArray, NDArray]:
+    """Confidence- and range-weighted mean over pyramid levels, per fine patch.
+
+    A level's estimate counts where its own blur radius is resolvable (above 1.5 px for
+    the coarse levels, whose finer level exists) and still well inside its 128 px patch:
+    above ~12 px it is down-weighted when a coarser level also measured the patch (which
+    then sees the blur in its sweet spot), above 30 px always.
+    """
+    n = len(levels[0][0])
+    num = np.zeros(n)
+    den = np.zeros(n)
+    conf = np.zeros(n)
+    for index, (full, own, sigma, p_info) in enumerate(levels):
+        ok = np.isfinite(own)
+        if not np.any(ok):
+            continue
+        coarser = np.zeros(n, bool)
+        for later in levels[index + 1 :]:
+            coarser |= np.isfinite(later[1])
+        gate = _sigmoid((_HI - own) / _EDGE)
+        gate = np.where(coarser, gate * _sigmoid((_SOFT - own) / 0.25), gate)
+        if index > 0:
+            gate = gate * _sigmoid((own - _LO) / _EDGE)
+        w = np.where(ok, p_info * gate / np.where(ok, sigma, 1.0) ** 2, 0.0)
+        num += np.where(ok, w * np.nan_to_num(full), 0.0)
+        den += w
+        conf = np.maximum(conf, np.where(ok, p_info * gate, 0.0))
+    values = np.where(den > 0, num / np.maximum(den, 1e-12), np.nan)
+    return values, np.where(np.isfinite(values), conf, 0.0)

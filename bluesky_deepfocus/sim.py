@@ -772,6 +772,18 @@ class MicroscopeSimulation:
                 self._cache.popitem(last=False)
         return image
 
+    def auto_expose(self, fraction: float = 0.3, max_ms: float = 500.0) -> float:
+        """Set the exposure as a microscopist would: the in-focus field's 99.9th percentile
+        at ``fraction`` of the camera's full scale (capped at ``max_ms``). Returns it (ms)."""
+        z = self.true_focus_at()
+        peak = float(np.percentile(self.optical_image(z), 99.9))
+        cam = self.camera_model
+        full_e = (cam.max_adu - cam.offset_adu) * cam.gain_e_per_adu
+        if peak <= 0 or cam.photons_per_ms <= 0:
+            return self.exposure_ms
+        self.exposure_ms = float(min(max_ms, fraction * full_e / (peak * cam.photons_per_ms)))
+        return self.exposure_ms
+
     def clear_cache(self) -> None:
         """Forget cached optical images (e.g. to time rendering)."""
         with self._lock:

@@ -64,6 +64,7 @@ class Bench:
         tilt: tuple[float, float] = (0.0, 0.0),
         slide_fovs: float = 1.3,
         specimen_pixel_um: float | None = None,
+        auto_expose: bool = True,
         **kw: Any,
     ) -> tuple[Any, Any, Any, MicroscopeSimulation]:
         from ..devices import MMCamera, MMFocusStage
@@ -85,7 +86,10 @@ class Bench:
         )
         camera = MMCamera(core, name="camera")
         focus = MMFocusStage(core, name="focus", limits=(-2000.0, 2000.0))
-        return core, camera, focus, get_simulation(core)
+        sim = get_simulation(core)
+        if auto_expose:
+            sim.auto_expose()  # per specimen, as a microscopist would
+        return core, camera, focus, sim
 
     def calibrate(
         self, camera: Any, focus: Any, scorer: FocusFunction, half_range: float, num: int
