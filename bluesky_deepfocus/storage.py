@@ -796,7 +796,14 @@ def _warn(message: str) -> None:
 
 
 class _Worker:
-    """One thread storing documents in order for one catalog (SQLite takes one writer)."""
+    """One thread storing documents in order for one catalog (SQLite takes one writer).
+
+    At most ``max_pending`` documents wait in memory: when acquisition outpaces the
+    catalog, ``submit`` blocks until the thread catches up (the documents are already in
+    the journal), so memory stays bounded in long sessions.
+    """
+
+    max_pending = 400
 
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -810,6 +817,8 @@ class _Worker:
 
     def submit(self, fn: Callable[..., None], *args: Any) -> None:
         with self._idle:
+            if threading.current_thread() is not self._thread and self._thread is not None:
+                self._idle.wait_for(lambda: self._pending < self.max_pending)
             self._pending += 1
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
@@ -830,7 +839,7 @@ class _Worker:
             finally:
                 with self._idle:
                     self._pending -= 1
-                    if self._pending == 0:
+                    if self._pending == 0 or self._pending == self.max_pending - 1:
                         self._idle.notify_all()
 
     def flush(self, timeout: float | None = None) -> bool:
