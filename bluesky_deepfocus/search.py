@@ -727,7 +727,9 @@ class DeepFocusSearch(Search):
                 d = self.s.explore_dof * self.dof
             step = max(d, self.s.first_step_min_dof * self.dof)
             sign = 1.0 if f >= self.start else -1.0
-            if d < self.s.first_step_min_dof * self.dof or sd > 0.25 * (self.grid[-1] - self.grid[0]):
+            if d < self.s.first_step_min_dof * self.dof or sd > 0.25 * (
+                self.grid[-1] - self.grid[0]
+            ):
                 # near focus or unknown side: step toward the roomier side of the bounds
                 sign = 1.0 if (self.hi - self.start) >= (self.start - self.lo) else -1.0
             return self.start + sign * step
