@@ -113,8 +113,9 @@ def _iter_selected(results: Any) -> Iterator[tuple[str, dict[str, Any]]]:
     """(uid, selected metadata) of every run in ``results``, one HTTP request per page.
 
     The server picks the few metadata fields needed (``select_metadata``), 300 runs a
-    page, and no client object is built per run. If this Tiled client lacks the internals
-    used for that, the public (slower) iteration is used instead.
+    page, and no client object is built per run; paging goes on until the results end
+    (not until ``meta.count``, which Tiled caps for large results). If this Tiled client
+    lacks the internals used for that, the public (slower) iteration is used instead.
     """
     import httpx
     from tiled.client.utils import handle_error, retry_context
@@ -133,6 +134,7 @@ def _iter_selected(results: Any) -> Iterator[tuple[str, dict[str, Any]]]:
     }
     link = results.item["links"]["search"]
     offset = 0
+    seen: set[str] = set()
     while True:
         params["page[offset]"] = offset
         try:
@@ -149,11 +151,26 @@ def _iter_selected(results: Any) -> Iterator[tuple[str, dict[str, Any]]]:
             del params["select_metadata"]  # an older server: select here instead
             continue
         data = content["data"]
+        new = 0
         for item in data:
+            if item["id"] in seen:  # a run seen on an earlier page (catalog changing)
+                continue
+            seen.add(item["id"])
+            new += 1
             md = item["attributes"]["metadata"]
             yield item["id"], md["selected"] if "select_metadata" in params else _select(md)
         offset += len(data)
-        if not data or offset >= content["meta"]["count"]:
+        if data and not new:
+            return  # a server ignoring the offset: nothing new, do not loop forever
+        # Tiled caps ``meta.count`` for large results (it counts up to a limit: 101 runs
+        # answered for 1000), so the count is only a lower bound and ``links.next``, derived
+        # from it, may be missing too. Page on until an empty page, or a short one once the
+        # count is reached (a short page before it: a server that caps the page size).
+        if not data:
+            return
+        count = (content.get("meta") or {}).get("count")
+        reached = not isinstance(count, int) or offset >= count
+        if len(data) < int(params["page[limit]"]) and reached:
             return
 
 

@@ -420,7 +420,20 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Calibration:
-        """Rebuild from :meth:`to_dict` output; refuses anything malformed."""
+        """Rebuild from :meth:`to_dict` output; refuses anything malformed.
+
+        Raises
+        ------
+        CalibrationError
+            Not a JSON object, another format, missing or mistyped fields, inconsistent
+            lengths, a z axis that is not finite and increasing, fewer than 5 finite blur
+            values, or a depth of field / Moffat FWHM that is not a finite positive number.
+        """
+        if not isinstance(d, Mapping):
+            raise CalibrationError(
+                f"Not a calibration: the data is a JSON {_json_type(d)}, not an object with "
+                f"format {FORMAT!r}; load a file written by Calibration.save() or recalibrate."
+            )
         try:
             if d.get("format") != FORMAT:
                 raise CalibrationError(
@@ -471,6 +484,32 @@ class Calibration:
             raise CalibrationError("Calibration arrays have inconsistent lengths; recalibrate.")
         if len(cal.z_um) < 2 or np.any(np.diff(cal.z_um) <= 0):
             raise CalibrationError("Calibration z axis is not increasing; recalibrate.")
+        bad_z = int(np.count_nonzero(~np.isfinite(cal.z_um)))
+        if bad_z:
+            raise CalibrationError(
+                f"Calibration field 'z_um' holds {bad_z} NaN/inf position(s) of "
+                f"{len(cal.z_um)}; the positions must be finite. The data is corrupted; "
+                "recalibrate."
+            )
+        n_blur = int(np.count_nonzero(np.isfinite(cal.blur)))
+        if n_blur < 5:
+            raise CalibrationError(
+                f"Calibration field 'blur' holds only {n_blur} finite value(s) of "
+                f"{len(cal.blur)} (the rest NaN/null/inf); at least 5 are needed for the "
+                "calibration curve. The data is corrupted or the stack was blank; recalibrate."
+            )
+        if np.any(np.isinf(cal.blur)) or np.any(np.isinf(cal.log_signal)):
+            field_name = "blur" if np.any(np.isinf(cal.blur)) else "log_signal"
+            raise CalibrationError(
+                f"Calibration field {field_name!r} holds infinite values; it must be finite "
+                "(or null where a frame held no information). Recalibrate."
+            )
+        for name, value in (("dof_um", cal.dof_um), ("moffat_params['fwhm']", cal.fwhm_um)):
+            if not (math.isfinite(value) and value > 0):
+                raise CalibrationError(
+                    f"Calibration field {name} = {value!r} must be a finite positive number "
+                    "of um (not NaN, inf or <= 0); the data is corrupted. Recalibrate."
+                )
         return cal
 
     def save(self, path: str | Path) -> Path:
@@ -496,21 +535,64 @@ class Calibration:
 
     @classmethod
     def from_run(cls, run: Any) -> Calibration:
-        """Rebuild the calibration stored by ``calibration_plan`` in a catalog run."""
+        """Rebuild the calibration stored by ``calibration_plan`` in a catalog run.
+
+        Reads the one event of stream ``calibration_result`` (data key
+        ``calibration_calibration``, as ``calibration_plan`` writes it, or ``calibration``).
+
+        Raises
+        ------
+        CalibrationError
+            The run has no such stream, the stream is empty or holds no calibration, or
+            the stored calibration is not valid JSON or is refused by :meth:`from_dict`.
+        """
         from .schema import CALIBRATION_STREAM
 
+        uid = _run_uid(run)
         try:
             stream = run[CALIBRATION_STREAM]
         except KeyError:
             raise CalibrationError(
-                f"Run {getattr(run, 'metadata', {}).get('start', {}).get('uid', '?')!r} has no "
-                f"{CALIBRATION_STREAM!r} stream: it is not a calibration run."
+                f"Run {uid!r} has no {CALIBRATION_STREAM!r} stream: it is not a calibration run."
             ) from None
-        data = stream.read() if hasattr(stream, "read") else stream
-        raw = data["calibration"]
-        value = raw[0] if not isinstance(raw, str) else raw
-        if hasattr(value, "item"):
+        try:
+            data = stream.read() if hasattr(stream, "read") else stream
+            key = _calibration_key(data)
+        except CalibrationError:
+            raise
+        except Exception as exc:  # a stream the catalog cannot read back
+            raise CalibrationError(
+                f"The {CALIBRATION_STREAM!r} stream of run {uid!r} could not be read "
+                f"({type(exc).__name__}: {exc})."
+            ) from exc
+        if key is None:
+            raise CalibrationError(
+                f"The {CALIBRATION_STREAM!r} stream of run {uid!r} holds no calibration "
+                f"(data keys {_keys(data)!r}; expected 'calibration' or one ending in "
+                "'_calibration'): it was not written by calibration_plan."
+            )
+        raw = data[key]
+        if isinstance(raw, str | bytes):
+            value: Any = raw
+        else:
+            try:
+                n = len(raw)
+            except TypeError:
+                n = 1
+                value = raw
+            else:
+                if n == 0:
+                    raise CalibrationError(
+                        f"The {CALIBRATION_STREAM!r} stream of run {uid!r} is empty: the "
+                        "calibration run stopped before storing its result. Recalibrate."
+                    )
+                value = raw[n - 1]  # the last (only) event
+        if hasattr(value, "item"):  # a numpy / xarray scalar
             value = value.item()
+        return cls._from_json(value)
+
+    @classmethod
+    def _from_json(cls, value: Any) -> Calibration:
         try:
             d = json.loads(value)
         except (TypeError, ValueError) as exc:
@@ -527,8 +609,14 @@ class Calibration:
             if name == "descriptor" and doc.get("name") == CALIBRATION_STREAM:
                 desc = doc["uid"]
             elif name == "event" and desc is not None and doc.get("descriptor") == desc:
-                key = next(k for k in doc["data"] if k.endswith("calibration"))
-                return cls.from_dict(json.loads(doc["data"][key]))
+                key = _calibration_key(doc.get("data", {}))
+                if key is None:
+                    raise CalibrationError(
+                        f"The {CALIBRATION_STREAM!r} event holds no calibration (data keys "
+                        f"{_keys(doc.get('data', {}))!r}; expected 'calibration' or one "
+                        "ending in '_calibration')."
+                    )
+                return cls._from_json(doc["data"][key])
         raise CalibrationError(
             f"No {CALIBRATION_STREAM!r} event in these documents: not a calibration run."
         )
@@ -539,6 +627,48 @@ class Calibration:
             f"{self.focus_um:.2f} um ({self.center_method}), FWHM {self.fwhm_um:.2f} um, "
             f"Moffat R^2 {self.moffat_r2:.3f}, {len(self.z_um)} frames, model {self.model_id}"
         )
+
+
+def _json_type(value: Any) -> str:
+    """JSON's name for the type of a decoded value (for messages)."""
+    if value is None:
+        return "null"
+    for types, name in (
+        (bool, "boolean"),
+        (str, "string"),
+        (int | float, "number"),
+        (list | tuple, "array"),
+    ):
+        if isinstance(value, types):
+            return name
+    return type(value).__name__
+
+
+def _run_uid(run: Any) -> str:
+    md = getattr(run, "metadata", None) or {}
+    start = md.get("start", {}) if isinstance(md, Mapping) else {}
+    return str(start.get("uid", "?")) if isinstance(start, Mapping) else "?"
+
+
+def _keys(data: Any) -> list[str]:
+    try:
+        return [str(k) for k in data]
+    except TypeError:
+        return []
+
+
+def _calibration_key(data: Any) -> str | None:
+    """The data key holding the calibration JSON in a calibration stream / event.
+
+    ``calibration_plan`` records it as component ``calibration`` of the ophyd device
+    ``calibration``, i.e. data key ``calibration_calibration``; a bare ``calibration``
+    (older writers, hand-made runs) is accepted too.
+    """
+    keys = _keys(data)
+    if "calibration" in keys:
+        return "calibration"
+    found = [k for k in keys if k.endswith("_calibration")]
+    return found[0] if found else None
 
 
 def _symmetric_center(
@@ -570,10 +700,15 @@ def _symmetric_center(
     if not np.any(np.isfinite(costs)):
         return float("nan"), float("nan")
     c0 = float(grid[int(np.nanargmin(costs))])
+
+    def finite_cost(c: float) -> float:  # inf - inf in Brent's steps would give NaN
+        v = cost(c)
+        return v if math.isfinite(v) else 1e12
+
     res = optimize.minimize_scalar(
-        cost,
+        finite_cost,
         bounds=(c0 - step / 4, c0 + step / 4),
         method="bounded",
         options={"xatol": step / 200},
     )
-    return float(res.x), float(res.fun)
+    return float(res.x), (float(res.fun) if res.fun < 1e12 else float("inf"))

@@ -249,7 +249,8 @@ def load_model(
     Raises
     ------
     WeightsError
-        The file or its card is missing, unreadable, or its SHA-256 differs from the card.
+        The file or its card is missing, unreadable, not a JSON object, or its SHA-256
+        differs from the card.
     """
     path = Path(path) if path is not None else default_weights_path()
     card_path = path.with_suffix(".json")
@@ -266,6 +267,15 @@ def load_model(
             f"Model card {str(card_path)!r} is missing or not valid JSON ({exc}); it records "
             "the weights' SHA-256. Restore it next to the weights."
         ) from exc
+    if not isinstance(card, dict):
+        kind = {"list": "array", "str": "string", "NoneType": "null", "bool": "boolean"}.get(
+            type(card).__name__, "number"
+        )
+        raise WeightsError(
+            f"Model card {str(card_path)!r} is not a JSON object (it holds a JSON {kind}); "
+            "it must record the weights' SHA-256 as "
+            '{"sha256": ...}. Restore the card written with the weights, or retrain.'
+        )
     if check_hash:
         digest = file_sha256(path)
         if digest != card.get("sha256"):

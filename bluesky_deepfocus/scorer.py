@@ -194,6 +194,9 @@ class DeepFocusScorer(FocusFunction):
             need = use & (own > _NEXT)
         values, conf = _fuse(levels)
         conf[sat_frac > self.max_saturated_fraction] = 0.0
+        # a patch without any variation (blank, clipped, zero-filled) holds no focus
+        # information whatever the network says
+        conf[np.ptp(fine, axis=(1, 2)) == 0] = 0.0
         return self._result(values, conf, rows, cols, (oy + y0, ox + x0), levels=level_counts)
 
 

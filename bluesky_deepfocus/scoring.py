@@ -122,7 +122,9 @@ def check_image(
         )
     if np.iscomplexobj(arr):
         raise ImageError(f"Image dtype {arr.dtype!r} is complex; pass intensities (real values).")
-    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
+    raw = arr  # checked for NaN/inf and the float32 range before any conversion
+    is_rgb = arr.ndim == 3 and arr.shape[-1] in (3, 4)
+    if is_rgb:
         if rgb == "error":
             raise ImageError(
                 f"Image shape {arr.shape!r} is RGB; convert it to grayscale or use rgb='luminance'."
@@ -135,12 +137,13 @@ def check_image(
             f"Image shape {arr.shape!r} is not a 2-D frame (or (H, W, 3) RGB); pass one camera "
             "frame, not a stack."
         )
+    if np.issubdtype(raw.dtype, np.floating):  # integers are always finite and in range
+        _check_values(raw[..., :3] if is_rgb else raw, rgb=is_rgb)
     out = arr.astype(np.float32, copy=False)
-    if not np.all(np.isfinite(out)):
-        bad = int(np.size(out) - np.count_nonzero(np.isfinite(out)))
+    if not np.all(np.isfinite(out)):  # e.g. an RGB luminance sum overflowing float32
         raise ImageError(
-            f"Image holds {bad} NaN/inf pixel(s); check the camera or the preprocessing that "
-            "produced it (dark/flat correction dividing by zero?)."
+            "Image values overflow the float32 range once converted; scale the frame down "
+            "(e.g. divide it by its maximum) before scoring."
         )
     if min(out.shape) < min_size:
         raise ImageError(
@@ -148,6 +151,33 @@ def check_image(
             f"pixels needed for one patch; use a larger ROI or frame."
         )
     return out
+
+
+def _check_values(a: NDArray[Any], *, rgb: bool = False) -> None:
+    """Refuse NaN/inf pixels and values beyond the float32 range the scorers compute in
+    (``rgb``: ``a`` is ``(H, W, 3)`` and a pixel counts once)."""
+    finite = np.isfinite(a)
+    if rgb:
+        finite = finite.all(axis=-1)
+    bad = int(np.size(finite) - np.count_nonzero(finite))
+    if bad:
+        raise ImageError(
+            f"Image holds {bad} NaN/inf pixel(s); check the camera or the preprocessing that "
+            "produced it (dark/flat correction dividing by zero?)."
+        )
+    if a.dtype.itemsize > 4:
+        limit = float(np.finfo(np.float32).max)
+        big = np.abs(a) > limit
+        if rgb:
+            big = big.any(axis=-1)
+        n = int(np.count_nonzero(big))
+        if n:
+            largest = float(np.max(np.abs(a)))
+            raise ImageError(
+                f"Image holds {n} pixel(s) beyond the float32 range (|value| up to "
+                f"{largest:.3g} > {limit:.3g}): the focus functions compute in float32. "
+                "Scale the frame down (e.g. divide it by its maximum) before scoring."
+            )
 
 
 def crop_roi(

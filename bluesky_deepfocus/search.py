@@ -355,15 +355,19 @@ def _match_raw(cal: Calibration, z: NDArray, b: NDArray, grid: NDArray) -> tuple
 def _quad_beats_linear(z: NDArray, b: NDArray) -> bool:
     """Paper step 2, made meaningful: a convex quadratic with its vertex inside the
     bracket explains (z, b) better than a line (adjusted R^2 when n >= 4)."""
-    ok = np.isfinite(b)
+    ok = np.isfinite(b) & np.isfinite(z)
     z, b = z[ok], b[ok]
-    if len(z) < 3:
+    if len(np.unique(z)) < 3:  # a parabola needs three distinct positions
         return False
     ss = float(((b - b.mean()) ** 2).sum()) or 1e-12
     with warnings.catch_warnings():  # nearly coincident positions: the fit says so itself
         warnings.simplefilter("ignore", np.exceptions.RankWarning)
-        qa = np.polyfit(z, b, 2)
-        la = np.polyfit(z, b, 1)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        try:
+            qa = np.polyfit(z, b, 2)
+            la = np.polyfit(z, b, 1)
+        except (np.linalg.LinAlgError, ValueError):  # degenerate (e.g. all z = 0)
+            return False
     r2q = 1 - float(((b - np.polyval(qa, z)) ** 2).sum()) / ss
     r2l = 1 - float(((b - np.polyval(la, z)) ** 2).sum()) / ss
     n = len(z)
@@ -500,10 +504,22 @@ class DeepFocusSettings:
     use_cnn: bool = True
     verify: bool = True  # end with an image at the estimate when the budget allows
     explore_dof: float = 4.0  # step of the search pattern while no image holds information
+    prior_floor: float = 0.05  # weight of the flat component of a warm-start prior
 
 
 class DeepFocusSearch(Search):
-    """Our search (see module docstring). ``prior=(z, sd)`` warm-starts it (timelapse)."""
+    """Our search (see module docstring). ``prior=(z, sd)`` warm-starts it (timelapse).
+
+    The prior only weights the posterior: it is a mixture of ``N(z, sd^2)`` (weight
+    ``1 - prior_floor``) and a flat density over all candidates (weight ``prior_floor``),
+    so that images contradicting it (a focus jump, drift faster than assumed) win instead
+    of being overruled by it; the candidates always cover the whole reachable range.
+    A ``sd`` below the posterior grid step (``grid_dof`` DOF) is treated as that step.
+    While the images agree with the prior it also places the second image (the side of
+    focus that one image cannot tell); once they contradict it (the posterior weight of
+    its Gaussian component drops below 1/2) images are placed as in a cold start, and a
+    single image is never called converged.
+    """
 
     name = "deepfocus"
 
@@ -522,19 +538,19 @@ class DeepFocusSearch(Search):
         super().__init__(start=start, lo=lo, hi=hi, min_images=min_images, max_images=max_images)
         self.cal = calibration
         self.s = settings or DeepFocusSettings()
-        self.prior = prior
+        self.prior = _check_prior(prior)
+        if not 0.0 <= self.s.prior_floor < 1.0:
+            raise ValueError(
+                f"settings.prior_floor={self.s.prior_floor!r} must be in [0, 1) (default 0.05)."
+            )
         self.dof = calibration.dof_um
         lo_c, hi_c = calibration.z_range
         step = max(self.s.grid_dof * self.dof, 0.01)
         # focus candidates: the reachable range plus what the images can still see beyond
         # it (the calibration's range), so that a focus out of reach shows up as such
-        # instead of as a confident wrong answer inside the bounds; with a prior, only
-        # where it leaves any probability (+/- 8 sd)
+        # instead of as a confident wrong answer inside the bounds. A prior never narrows
+        # them: it only weights the posterior (_prior_parts), so images can overrule it.
         glo, ghi = self.lo - max(hi_c, 0.0), self.hi + max(-lo_c, 0.0)
-        if prior is not None:
-            plo, phi = prior[0] - 8 * prior[1], prior[0] + 8 * prior[1]
-            if phi > glo and plo < ghi:
-                glo, ghi = max(glo, plo), min(ghi, phi)
         # a coarse grid (<= 400 candidates) locates the basin; _refined() zooms in
         self.grid = _grid(glo, ghi, max(step, (ghi - glo) / 400))
         self._post: tuple[float, float, NDArray, NDArray] | None = None
@@ -628,8 +644,14 @@ class DeepFocusSearch(Search):
         return chi2, dof
 
     def _posterior(
-        self, grid: NDArray | None = None
+        self, grid: NDArray | None = None, *, gaussian_prior: bool = False
     ) -> tuple[float, float, NDArray, NDArray, dict[str, float]]:
+        """Posterior mode, sd, grid, probabilities and diagnostics on ``grid``.
+
+        With a prior, ``info["prior_weight"]`` is the posterior probability of the
+        prior's Gaussian component (versus its flat one): below 1/2 the images contradict
+        the prior. ``gaussian_prior`` uses that component alone (for placing images).
+        """
         grid = self.grid if grid is None else grid
         zs = np.array([o.z for o in self.observations])
         bs = np.array([o.blur for o in self.observations])
@@ -643,8 +665,20 @@ class DeepFocusSearch(Search):
             i = int(np.argmin(chi2 + cost))
             scale = max(1.0, float(chi2[i] / max(dof[i], 1.0)))
         total = cost + chi2 / scale
-        if self.prior is not None:
-            total = total + ((grid - self.prior[0]) / self.prior[1]) ** 2
+        prior_weight = float("nan")
+        if self.prior is not None and len(grid) > 1:
+            log_gauss, log_flat = self._prior_parts(grid, float(grid[1] - grid[0]))
+            log_like = -0.5 * (total - total.min())
+            if log_flat is None:
+                prior_weight = 1.0
+            else:
+                lg = float(np.logaddexp.reduce(log_like + log_gauss))
+                lf = float(np.logaddexp.reduce(log_like + log_flat))
+                prior_weight = float(1.0 / (1.0 + math.exp(min(lf - lg, 700.0))))
+            if gaussian_prior or log_flat is None:
+                total = total - 2 * log_gauss
+            else:
+                total = total - 2 * np.logaddexp(log_gauss, log_flat)
         total = total - total.min()
         p = np.exp(-0.5 * total)
         p /= p.sum()
@@ -668,19 +702,53 @@ class DeepFocusSearch(Search):
             else float("nan"),
             "spec_dof": float(dof[j]),
             "cnn_cost": float(cost[j]),
+            "prior_weight": prior_weight,
         }
         return f, sd, grid, p, info
 
-    def _refined(self) -> tuple[float, float, dict[str, float]]:
+    def _prior_parts(self, z: NDArray, step: float) -> tuple[NDArray, float | None]:
+        """The warm-start prior's log densities at ``z``: its Gaussian component, and its
+        flat one (None when ``prior_floor`` is 0).
+
+        A heavy-tailed prior: ``(1 - w) N(z0, sd^2) + w / width`` over the candidates
+        (``w = prior_floor``), so its penalty for a focus far from ``z0`` is bounded
+        (``2 log((1 - w) width / (w sqrt(2 pi) sd))``, ~15 for sd = DOF/4) and images
+        that say otherwise outweigh it. ``sd`` is floored at the grid step (and at the
+        posterior's resolution, ``grid_dof`` DOF), so that a prior narrower than the
+        candidate spacing is neither lost between candidates nor sharper than anything
+        the images could confirm.
+        """
+        if self.prior is None:
+            raise RuntimeError("no prior")
+        z0, sd = self.prior
+        sd = max(sd, step, self.s.grid_dof * self.dof)
+        log_gauss = (
+            math.log1p(-self.s.prior_floor)
+            - 0.5 * ((z - z0) / sd) ** 2
+            - math.log(math.sqrt(2 * math.pi) * sd)
+        )
+        if self.s.prior_floor <= 0:
+            return log_gauss, None
+        width = float(self.grid[-1] - self.grid[0]) or 1.0
+        return log_gauss, math.log(self.s.prior_floor / width)
+
+    def _prior_holds(self, info: dict[str, float]) -> bool:
+        """A warm start the images do not contradict: the posterior weight of the prior's
+        Gaussian component is at least 1/2 (False without a prior)."""
+        return self.prior is not None and info["prior_weight"] >= 0.5
+
+    def _refined(self, *, gaussian_prior: bool = False) -> tuple[float, float, dict[str, float]]:
         """Posterior mode and sd, re-evaluated on a fine grid (<= 150 points) around the
-        coarse mode."""
-        f, sd, _g, _p, info = self._posterior()
+        coarse mode (``info["prior_weight"]`` from the coarse grid, which covers every
+        candidate)."""
+        f, sd, _g, _p, info = self._posterior(gaussian_prior=gaussian_prior)
         coarse = float(self.grid[1] - self.grid[0]) if len(self.grid) > 1 else self.dof
         half = max(3 * coarse, min(6 * sd, 40 * coarse), 0.5 * self.dof)
         step = max(2 * half / 150, min(sd / 10, self.s.grid_dof * self.dof), 0.002)
         fine = _grid(max(self.grid[0], f - half), min(self.grid[-1], f + half), step)
         if len(fine) >= 5:
-            f2, sd2, _, _, info2 = self._posterior(fine)
+            f2, sd2, _, _, info2 = self._posterior(fine, gaussian_prior=gaussian_prior)
+            info2["prior_weight"] = info["prior_weight"]
             # keep the wide sd when the coarse posterior is multimodal
             return f2, max(sd2, sd if sd > half / 3 else sd2), info2
         return f, sd, info
@@ -703,7 +771,8 @@ class DeepFocusSearch(Search):
             # around the start in growing steps, alternating sides; if nothing is ever
             # seen the result says so and the plan restores the start position
             return self._explore(n)
-        f, sd, _ = self._refined()
+        f, sd, info = self._refined()
+        prior_holds = self._prior_holds(info)
         tol = self.s.tol_dof * self.dof
         if f < self.lo - self.dof or f > self.hi + self.dof:
             # focus beyond the reachable range: look once from the nearest bound, then stop
@@ -721,7 +790,9 @@ class DeepFocusSearch(Search):
                 self._verified = True
                 return f
             return None
-        if n == 1 and self.prior is None:
+        if n == 1 and not prior_holds:
+            # cold start, or a warm start the first image contradicts (a focus jump):
+            # placed as without a prior
             d = abs(f - self.start)
             if sd > 0.25 * (self.grid[-1] - self.grid[0]):  # one image told us nothing
                 d = self.s.explore_dof * self.dof
@@ -736,6 +807,11 @@ class DeepFocusSearch(Search):
         if n == self.max_images - 1 and self.s.verify:
             self._verified = True
             return f  # last image: look where we would go (and refine with it)
+        if n == 1 and prior_holds:
+            # one image cannot tell the side of focus; the prior can: place the second
+            # image by the posterior under the prior's Gaussian component (the flat one
+            # only widens it with candidates the prior does not expect)
+            f, sd, _ = self._refined(gaussian_prior=True)
         # straddle the estimate: image the side of it with fewer images nearby (ties: the
         # side opposite to the last image), so a symmetric pair cancels the specimen
         delta = max(self.s.straddle_dof * self.dof, min(2 * sd, 4 * self.dof))
@@ -792,7 +868,7 @@ class DeepFocusSearch(Search):
         if at_edge:
             confidence *= 0.1
             conv = False
-        if self.n < 2 and self.prior is None:
+        if self.n < 2 and not self._prior_holds(info):
             conv = False
         reason = (
             f"posterior sd {sd:.3f} um <= {self.s.converged_dof} DOF"
@@ -874,6 +950,22 @@ class DeepFocusSearch(Search):
                 fi += float(np.clip(0.5 * (y0 - y2) / den, -1, 1)) * step
             out[idx] = fi
         return out
+
+
+def _check_prior(prior: Any) -> tuple[float, float] | None:
+    """``None``, or a warm-start prior ``(z, sd)`` with finite z and finite sd > 0 (um)."""
+    if prior is None:
+        return None
+    try:
+        z, sd = (float(v) for v in prior)
+    except (TypeError, ValueError):
+        z = sd = float("nan")
+    if not (math.isfinite(z) and math.isfinite(sd) and sd > 0):
+        raise ValueError(
+            f"prior={prior!r} must be (z, sd) in um with a finite z and a finite sd > 0 "
+            "(the last focus and its uncertainty); pass prior=None for a cold start."
+        )
+    return z, sd
 
 
 def _grid(lo: float, hi: float, step: float) -> NDArray[np.float64]:

@@ -10,9 +10,10 @@ plans only move, measure, record and keep the sample safe.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
-from collections.abc import Generator, Mapping
+from collections.abc import Callable, Generator, Mapping
 from typing import Any
 
 import bluesky.plan_stubs as bps
@@ -34,6 +35,7 @@ from bluesky_deepfocus.spectral import EDGES, frame_spectrum, patch_spectra
 __all__ = ["autofocus_plan", "autofocus_stub", "calibration_plan"]
 
 MsgGenerator = Generator[Msg, Any, Any]
+logger = logging.getLogger("bluesky_deepfocus.plans")
 ON_FAILURE = ("restore", "raise", "stay")
 STRATEGIES = ("deepfocus", "paper", "brent")
 
@@ -180,6 +182,167 @@ class _Session:
         self.map_shape: tuple[int, int] | None = None
 
 
+# --------------------------------------------------------------------------------------
+# moves, retries and restores
+# --------------------------------------------------------------------------------------
+#: Errors of a device that a retry may cure: a failed or timed-out status, a device fault.
+#: Limit violations (``ValueError``) and RunEngine interruptions are never retried.
+_RETRYABLE = (FailedStatus, DeviceFault, TimeoutError, StatusTimeoutError)
+
+#: Attribute set on an exception once the focus was restored (or restoring it failed),
+#: so that an outer wrapper does not try again.
+_RESTORED_ATTR = "_deepfocus_focus_restored"
+
+
+def _device_error(exc: BaseException) -> BaseException:
+    """The device's own error behind ``exc``.
+
+    bluesky raises ``FailedStatus(status) from status.exception()`` when a status fails;
+    ``str()`` of it is the status' repr, the device's message is in its cause.
+    """
+    err = exc
+    for _ in range(8):  # a FailedStatus wrapping a FailedStatus...: unwrap a few levels
+        if not isinstance(err, FailedStatus):
+            break
+        cause = err.__cause__
+        if cause is None:
+            status = err.args[0] if err.args else None
+            try:
+                cause = status.exception(timeout=0) if status is not None else None
+            except Exception:
+                cause = None
+        if not isinstance(cause, BaseException):
+            break
+        err = cause
+    return err
+
+
+def _describe_error(exc: BaseException) -> str:
+    err = _device_error(exc)
+    text = f"{type(err).__name__}: {err}"
+    notes = getattr(err, "__notes__", None)
+    if notes:
+        text += " (" + "; ".join(str(n) for n in notes) + ")"
+    return text
+
+
+def _check_retries(retries: Any, retry_delay: Any) -> None:
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise ValueError(f"retries={retries!r} must be an integer >= 0 (retries after a failure).")
+    delay = float(retry_delay) if isinstance(retry_delay, int | float) else math.nan
+    if isinstance(retry_delay, bool) or not (math.isfinite(delay) and delay >= 0):
+        raise ValueError(f"retry_delay={retry_delay!r} must be a finite number of seconds >= 0.")
+
+
+def _retrying(
+    make_plan: Callable[[], MsgGenerator],
+    what: str,
+    retries: int,
+    retry_delay: float,
+) -> MsgGenerator:
+    """Run ``make_plan()``; on a device error retry it ``retries`` times, ``retry_delay`` s
+    apart, then raise :class:`DeviceFault` naming ``what`` and the device's own error
+    (chained to it). Everything else (limit violations, pause / abort / stop) passes."""
+    attempt = 0
+    while True:
+        try:
+            return (yield from make_plan())
+        except _RETRYABLE as exc:
+            attempt += 1
+            if attempt > retries:
+                raise DeviceFault(
+                    f"Giving up after {attempt} attempt{'s' if attempt > 1 else ''} to {what}: "
+                    f"{_describe_error(exc)}. Check the camera and the focus stage."
+                ) from _device_error(exc)
+            logger.warning(
+                "Attempt %d of %d to %s failed (%s); retrying in %.3g s.",
+                attempt,
+                retries + 1,
+                what,
+                _describe_error(exc),
+                retry_delay,
+            )
+            yield from bps.sleep(retry_delay)
+
+
+def _check_target(focus: Any, z: float, bounds: tuple[float, float] | None) -> float:
+    """``z`` if it is finite and inside the focus limits (and ``bounds``); else ValueError."""
+    z = float(z)
+    lo, hi = _limits_of(focus)
+    if bounds is not None:
+        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+    if not (math.isfinite(z) and lo - 1e-9 <= z <= hi + 1e-9):
+        raise ValueError(
+            f"Refusing to move the focus {getattr(focus, 'name', focus)!r} to z={z!r} um: "
+            f"outside the allowed range [{lo!r}, {hi!r}] um (focus limits / max_travel). "
+            "Nothing moved."
+        )
+    return z
+
+
+def _move(
+    focus: Any,
+    z: float,
+    *,
+    retries: int,
+    retry_delay: float,
+    bounds: tuple[float, float] | None = None,
+    what: str | None = None,
+) -> MsgGenerator:
+    """Move the focus to ``z`` (inside its limits and ``bounds``) with the retry policy."""
+    z = _check_target(focus, z, bounds)
+    return (
+        yield from _retrying(
+            lambda: bps.mv(focus, z),
+            what or f"move the focus to z={z!r} um",
+            retries,
+            retry_delay,
+        )
+    )
+
+
+def _restore_focus(
+    exc: BaseException, focus: Any, z0: float | None, retries: int, retry_delay: float
+) -> MsgGenerator:
+    """After ``exc``: put the focus back at ``z0`` with the retry policy.
+
+    Never raises a device error of its own: a failed restore is added to ``exc`` as a
+    note (``exc`` is what the caller re-raises, so the original fault is never masked)
+    and logged. Done once per exception, however many wrappers catch it.
+    """
+    if z0 is None or getattr(exc, _RESTORED_ATTR, False):
+        return
+    try:
+        setattr(exc, _RESTORED_ATTR, True)
+    except Exception:  # an exception type refusing attributes: restore anyway
+        pass
+    try:
+        here = float((yield from bps.rd(focus)))
+    except Exception:
+        here = math.nan
+    if here == z0:
+        return  # nothing moved (e.g. refused before any motion)
+    try:
+        yield from _move(
+            focus,
+            z0,
+            retries=retries,
+            retry_delay=retry_delay,
+            what=f"restore the focus to its start position z={z0!r} um",
+        )
+    except Exception as restore_exc:
+        note = (
+            f"The focus could not be restored to its start position z={z0!r} um either: "
+            f"{_describe_error(restore_exc)}. Check the focus stage; the focus may be anywhere "
+            "between the start and the last position commanded."
+        )
+        try:
+            exc.add_note(note)
+        except Exception:
+            pass
+        logger.error("%s (after %s)", note, _describe_error(exc))
+
+
 # per (RunEngine run, stream) image counters are kept on the plan side
 def _measure(
     camera: Any,
@@ -193,6 +356,7 @@ def _measure(
     settle_time: float,
     retries: int = 2,
     retry_delay: float = 0.5,
+    bounds: tuple[float, float] | None = None,
 ) -> Generator[Msg, Any, tuple[Observation, np.ndarray]]:
     """Move, snap, score (via the subscribed callback), record; return the observation.
 
@@ -200,25 +364,56 @@ def _measure(
     times after ``retry_delay`` s; then :class:`DeviceFault` is raised (the callers restore
     the focus). Limit violations are never retried, and RunEngine interruptions (pause,
     abort, stop) pass straight through.
+
+    Rewinding: the move and the snap are rewindable (a pause or suspension during them
+    re-does them on resume), the image event and its score event are recorded together
+    with rewinding off, so a pause between the two resumes where it stopped instead of
+    re-taking the image (which would repeat the image's ``seq_num``).
     """
+    z = _check_target(focus, z, bounds)
     yield from bps.checkpoint()
-    attempt = 0
-    while True:
-        try:
-            yield from bps.mv(focus, z)
-            if settle_time:
-                yield from bps.sleep(settle_time)
-            before = scorer.scored_count
-            reading = yield from bps.trigger_and_read([camera, focus], name=session.images_stream)
-            break
-        except (FailedStatus, DeviceFault, TimeoutError, StatusTimeoutError) as exc:
-            attempt += 1
-            if attempt > retries:
-                raise DeviceFault(
-                    f"Giving up after {attempt} attempts to image at z={z!r} um: "
-                    f"{type(exc).__name__}: {exc}. Check the camera and the focus stage."
-                ) from exc
-            yield from bps.sleep(retry_delay)
+
+    def attempt() -> Generator[Msg, Any, tuple[Observation, np.ndarray]]:
+        yield from bps.mv(focus, z)
+        if settle_time:
+            yield from bps.sleep(settle_time)
+        group = f"deepfocus-snap-{time.monotonic_ns()}"
+        for obj in (camera, focus):
+            if hasattr(obj, "trigger"):
+                yield from bps.trigger(obj, group=group)
+        yield from bps.wait(group=group)
+        return (
+            yield from bpp.rewindable_wrapper(
+                _record(camera, focus, scorer, z, roi, session, counter, record), False
+            )
+        )
+
+    return (yield from _retrying(attempt, f"image at z={z!r} um", retries, retry_delay))
+
+
+def _record(
+    camera: Any,
+    focus: Any,
+    scorer: FocusFunction,
+    z: float,
+    roi: ROI | None,
+    session: _Session,
+    counter: dict[str, int],
+    record: _ScoreRecord,
+) -> Generator[Msg, Any, tuple[Observation, np.ndarray]]:
+    """The image event and its score event (run with rewinding off, see :func:`_measure`)."""
+    before = scorer.scored_count
+    yield from bps.create(name=session.images_stream)
+    reading: dict[str, Any] = {}
+    try:
+        for obj in (camera, focus):
+            got = yield from bps.read(obj)
+            if got is not None:
+                reading.update(got)
+    except Exception:
+        yield from bps.drop()
+        raise
+    yield from bps.save()
     seq = counter[session.images_stream] = counter.get(session.images_stream, 0) + 1
     image = np.asarray(reading[_image_key(camera)]["value"])
     z_read = float(reading[focus.name]["value"]) if focus.name in reading else float(z)
@@ -265,6 +460,18 @@ def _measure(
     return obs, image
 
 
+def _emit(stream: str, device: Any) -> MsgGenerator:
+    """One event of ``device`` in ``stream``, recorded with rewinding off (a pause right
+    after it must not replay the moves before it and emit it twice)."""
+
+    def inner() -> MsgGenerator:
+        yield from bps.create(name=stream)
+        yield from bps.read(device)
+        yield from bps.save()
+
+    return (yield from bpp.rewindable_wrapper(inner(), False))
+
+
 def _bounds(focus: Any, z0: float, max_travel: float) -> tuple[float, float]:
     lo, hi = _limits_of(focus)
     return max(lo, z0 - max_travel), min(hi, z0 + max_travel)
@@ -299,6 +506,7 @@ def autofocus_stub(
     :func:`autofocus_plan`; returns an :class:`~bluesky_deepfocus.AutofocusResult`.
     """
     _validate(min_images, max_images, on_failure, strategy, min_confidence)
+    _check_retries(retries, retry_delay)
     if strategy != "brent":
         calibration = _check_calibration(calibration, camera)
     session = _session or _Session(
@@ -331,30 +539,134 @@ def autofocus_stub(
     old_roi = scorer.roi
     scorer.roi = roi
     observations: list[Observation] = []
+    bounds = (lo, hi)
+    tol = _image_tolerance(calibration)
 
-    def body() -> Generator[Msg, Any, Any]:
+    def measure(z: float) -> Generator[Msg, Any, Observation]:
+        obs, _ = yield from _measure(
+            camera,
+            focus,
+            scorer,
+            z,
+            roi,
+            session,
+            counter,
+            record,
+            settle_time,
+            retries,
+            retry_delay,
+            bounds,
+        )
+        observations.append(obs)
+        return obs
+
+    def move(z: float) -> MsgGenerator:
+        yield from _move(focus, z, retries=retries, retry_delay=retry_delay, bounds=bounds)
+
+    def body() -> Generator[Msg, Any, AutofocusResult]:
         while (z := search.ask()) is not None:
             if not lo - 1e-9 <= z <= hi + 1e-9:  # defence in depth: never outside the bounds
                 raise AssertionError(f"search proposed z={z!r} outside [{lo!r}, {hi!r}]")
-            obs, _ = yield from _measure(
-                camera,
-                focus,
-                scorer,
-                z,
-                roi,
-                session,
-                counter,
-                record,
-                settle_time,
-                retries,
-                retry_delay,
+            search.tell((yield from measure(z)))
+        return (yield from decide(search.result()))
+
+    def decide(res: Any) -> Generator[Msg, Any, AutofocusResult]:
+        start_sharp = _sharpness_at(observations, z0, tol)
+        ok = (
+            res.converged
+            and res.confidence >= min_confidence
+            and math.isfinite(res.z_focus)
+            and lo <= res.z_focus <= hi
+        )
+        if ok:
+            target = float(res.z_focus)
+            status, reason = "converged", res.reason
+        else:
+            status = {"restore": "restored", "stay": "stayed", "raise": "failed"}[on_failure]
+            target = (
+                z0 if on_failure in ("restore", "raise") else float((yield from bps.rd(focus)))
             )
-            observations.append(obs)
-            search.tell(obs)
-        return search.result()
+            reason = f"not moved to the estimate: {res.reason} (confidence {res.confidence:.2f})"
+        if ok and not math.isfinite(_sharpness_at(observations, target, tol)):
+            # no image at the estimate (the paper's search does not aim for one; ours not when
+            # its budget ran out): image it, so that the sharpness check below can run
+            if min_images == max_images:
+                yield from move(target)  # an exact budget was asked for: keep it, say so
+                reason += (
+                    f"; not verified by an image (exact image budget min_images == "
+                    f"max_images == {max_images})"
+                )
+            else:
+                yield from measure(target)
+        elif ok or on_failure != "stay":
+            yield from move(target)
+        # on_failure="stay": nothing to move, the focus is where the last image was taken
+        final_sharp = _sharpness_at(observations, target, tol)
+        if (
+            ok
+            and math.isfinite(start_sharp)
+            and math.isfinite(final_sharp)
+            and final_sharp < start_sharp - 0.05
+        ):
+            # the image at the estimate is less sharp than the start: go back, and say so
+            target = z0
+            yield from move(target)
+            status = "restored"
+            reason = (
+                f"restored the start position: the image at the estimate ({res.z_focus:.2f} um) "
+                f"was less sharp than at the start (sharpness {final_sharp:.2f} < "
+                f"{start_sharp:.2f})"
+            )
+            ok = False
+        final = float((yield from bps.rd(focus)))
+        if not ok and status == "converged":
+            status = "failed"
+        result = AutofocusResult(
+            start_z=z0,
+            final_z=final,
+            dz=float(res.dz),
+            images_used=len(observations),
+            residual=float(res.residual),
+            confidence=float(res.confidence),
+            converged=bool(res.converged and ok),
+            moved=abs(final - z0) > 1e-6,
+            status=status,
+            reason=reason,
+            sharpness_start=start_sharp,
+            sharpness_final=_sharpness_at(observations, final, tol),
+            run_uid=session.run_uid or "",
+            strategy=strategy,
+            z_measured=tuple(o.z for o in observations),
+            blur_measured=tuple(float(o.blur) for o in observations),
+            focus_map=res.focus_map,
+            sigma_um=float(res.sigma_um),
+        )
+        shape = session.map_shape or (1, 1)
+        fmap = np.full(shape, np.nan)  # same shape every time in a run (the writer needs it)
+        if res.focus_map is not None and res.focus_map.shape == shape:
+            fmap = np.asarray(res.focus_map, dtype=float)
+        result_rec.update(
+            start_z=result.start_z,
+            final_z=result.final_z,
+            dz=result.dz,
+            images_used=result.images_used,
+            residual=result.residual,
+            confidence=result.confidence,
+            converged=result.converged,
+            moved=result.moved,
+            status=result.status,
+            reason=result.reason,
+            sharpness_start=result.sharpness_start,
+            sharpness_final=result.sharpness_final,
+            sigma_um=result.sigma_um,
+            focus_map=np.asarray(fmap, dtype=float),
+        )
+        yield from _emit(session.result_stream, result_rec)
+        return result
 
     def restore(exc: Exception) -> Generator[Msg, Any, None]:
-        yield from bps.mv(focus, z0)  # an error mid-search: back to the start position
+        # an error mid-search (or an abort, stop, Ctrl-C): back to the start position
+        yield from _restore_focus(exc, focus, z0, retries, retry_delay)
 
     def cleanup() -> Generator[Msg, Any, None]:
         yield from bps.unsubscribe(token)
@@ -367,85 +679,10 @@ def autofocus_stub(
         scorer(name, doc)
 
     token = yield from bps.subscribe("all", forward)
-    res = yield from bpp.contingency_wrapper(body(), except_plan=restore, final_plan=cleanup)
+    result: AutofocusResult = yield from bpp.contingency_wrapper(
+        body(), except_plan=restore, final_plan=cleanup
+    )
     del forward
-    start_sharp = _sharpness_at(observations, z0)
-    ok = (
-        res.converged
-        and res.confidence >= min_confidence
-        and math.isfinite(res.z_focus)
-        and lo <= res.z_focus <= hi
-    )
-    if ok:
-        target = float(res.z_focus)
-        status, reason = "converged", res.reason
-    else:
-        status = {"restore": "restored", "stay": "stayed", "raise": "failed"}[on_failure]
-        target = z0 if on_failure in ("restore", "raise") else float((yield from bps.rd(focus)))
-        reason = f"not moved to the estimate: {res.reason} (confidence {res.confidence:.2f})"
-    yield from bps.mv(focus, target)
-    final_sharp = _sharpness_at(observations, target)
-    if (
-        ok
-        and math.isfinite(start_sharp)
-        and math.isfinite(final_sharp)
-        and final_sharp < start_sharp - 0.05
-    ):
-        # the image at the estimate is less sharp than the start: go back, and say so
-        target = z0
-        yield from bps.mv(focus, target)
-        status = "restored"
-        reason = (
-            f"restored the start position: the image at the estimate ({res.z_focus:.2f} um) was "
-            f"less sharp than at the start (sharpness {final_sharp:.2f} < {start_sharp:.2f})"
-        )
-        ok = False
-    final = float((yield from bps.rd(focus)))
-    if not ok and status == "converged":
-        status = "failed"
-    result = AutofocusResult(
-        start_z=z0,
-        final_z=final,
-        dz=float(res.dz),
-        images_used=len(observations),
-        residual=float(res.residual),
-        confidence=float(res.confidence),
-        converged=bool(res.converged and ok),
-        moved=abs(final - z0) > 1e-6,
-        status=status,
-        reason=reason,
-        sharpness_start=start_sharp,
-        sharpness_final=_sharpness_at(observations, final),
-        run_uid=session.run_uid or "",
-        strategy=strategy,
-        z_measured=tuple(o.z for o in observations),
-        blur_measured=tuple(float(o.blur) for o in observations),
-        focus_map=res.focus_map,
-        sigma_um=float(res.sigma_um),
-    )
-    shape = session.map_shape or (1, 1)
-    fmap = np.full(shape, np.nan)  # same shape every time in a run (the writer needs it)
-    if res.focus_map is not None and res.focus_map.shape == shape:
-        fmap = np.asarray(res.focus_map, dtype=float)
-    result_rec.update(
-        start_z=result.start_z,
-        final_z=result.final_z,
-        dz=result.dz,
-        images_used=result.images_used,
-        residual=result.residual,
-        confidence=result.confidence,
-        converged=result.converged,
-        moved=result.moved,
-        status=result.status,
-        reason=result.reason,
-        sharpness_start=result.sharpness_start,
-        sharpness_final=result.sharpness_final,
-        sigma_um=result.sigma_um,
-        focus_map=np.asarray(fmap, dtype=float),
-    )
-    yield from bps.create(name=session.result_stream)
-    yield from bps.read(result_rec)
-    yield from bps.save()
     if on_failure == "raise" and not result.converged:
         raise AutofocusFailed(
             f"Autofocus did not converge ({result.reason}); the focus was restored to "
@@ -455,10 +692,25 @@ def autofocus_stub(
     return result
 
 
-def _sharpness_at(observations: list[Observation], z: float) -> float:
-    """Spectral sharpness of the image taken at ``z`` (NaN if none was taken there)."""
-    best = [o for o in observations if abs(o.z - z) < 1e-3 and o.spectrum is not None]
-    return float(best[-1].spectrum.sharpness()) if best else float("nan")  # type: ignore[union-attr]
+def _image_tolerance(calibration: Calibration | None) -> float:
+    """How close (um) an image must be to a position to count as taken there: a tenth of
+    the depth of field (what the searches call converged), 1 nm without a calibration."""
+    dof = calibration.dof_um if calibration is not None else math.nan
+    return max(0.1 * dof, 1e-3) if math.isfinite(dof) and dof > 0 else 1e-3
+
+
+def _sharpness_at(observations: list[Observation], z: float, tol: float = 1e-3) -> float:
+    """Spectral sharpness of the image taken nearest to ``z`` within ``tol`` um (the
+    latest of equally near ones); NaN if none was taken there."""
+    near = [
+        (abs(o.z - z), -i, o)
+        for i, o in enumerate(observations)
+        if abs(o.z - z) <= tol and o.spectrum is not None
+    ]
+    if not near:
+        return float("nan")
+    best = min(near, key=lambda t: (t[0], t[1]))[2]
+    return float(best.spectrum.sharpness())  # type: ignore[union-attr]
 
 
 def _validate(
@@ -489,7 +741,7 @@ def _run_returning(inner: Any, md: Mapping[str, Any]) -> Generator[Msg, Any, Any
         if isinstance(e, RunEngineControlException):
             yield from bps.close_run(exit_status=getattr(e, "exit_status", "abort"))
         else:
-            yield from bps.close_run(exit_status="fail", reason=f"{type(e).__name__}: {e}")
+            yield from bps.close_run(exit_status="fail", reason=_describe_error(e))
 
     def else_plan() -> Generator[Msg, Any, None]:
         yield from bps.close_run()
@@ -558,7 +810,11 @@ def autofocus_plan(
     roi
         ``(x, y, width, height)`` in pixels; default the whole frame.
     min_images, max_images
-        Image budget; ``min_images == max_images == N`` uses exactly N images.
+        Image budget of the search; ``min_images == max_images == N`` uses exactly N
+        images. When the search ends at an estimate it did not image (within a tenth of
+        the depth of field), one more image is taken there to check it is not less sharp
+        than the start (counted in ``images_used``), except with an exact budget, where
+        the ``reason`` says "not verified by an image" instead.
     on_failure
         When the estimate is not trustworthy (no focus information, low confidence, not
         converged, beyond the bounds): ``"restore"`` the start position, ``"stay"`` where
@@ -576,8 +832,10 @@ def autofocus_plan(
     settle_time
         Seconds to wait after each move before the snap.
     retries, retry_delay
-        A failed move or snap is retried this many times, this many seconds apart; then
-        :class:`~bluesky_deepfocus.DeviceFault` is raised and the focus restored.
+        Every move (search, final, restore) and every snap that fails is retried this many
+        times, this many seconds apart; then :class:`~bluesky_deepfocus.DeviceFault` is
+        raised with the device's own error, and the focus restored (also with retries; if
+        that fails too, a note on the ``DeviceFault`` says so).
     md
         Extra metadata for the start document.
 
@@ -605,6 +863,7 @@ def autofocus_plan(
     True
     """
     _validate(min_images, max_images, on_failure, strategy, min_confidence)
+    _check_retries(retries, retry_delay)
     if strategy != "brent":
         calibration = _check_calibration(calibration, camera)
     z_start = float(focus.position) if hasattr(focus, "position") else float("nan")
@@ -680,24 +939,33 @@ def autofocus_plan(
         )
         return result
 
-    plan = _safe_focus(focus, lambda: _run_returning(inner, _md), restore_on_error=True)
+    plan = _safe_focus(
+        focus,
+        lambda: _run_returning(inner, _md),
+        restore_on_error=True,
+        retries=retries,
+        retry_delay=retry_delay,
+    )
     return (yield from bpp.stage_wrapper(plan, [camera, focus]))
 
 
-def _safe_focus(focus: Any, make_plan: Any, *, restore_on_error: bool) -> Generator[Msg, Any, Any]:
-    """Run a plan; on error, abort, stop or Ctrl-C put the focus back where it started."""
+def _safe_focus(
+    focus: Any,
+    make_plan: Any,
+    *,
+    restore_on_error: bool,
+    retries: int = 2,
+    retry_delay: float = 0.5,
+) -> Generator[Msg, Any, Any]:
+    """Run a plan; on error, abort, stop or Ctrl-C put the focus back where it started
+    (with the retry policy; a failed restore is noted on the error, never replaces it)."""
     z0 = float(focus.position) if hasattr(focus, "position") else None
 
-    def restore() -> Generator[Msg, Any, None]:
-        if z0 is not None:
-            yield from bps.mv(focus, z0)
+    def restore(exc: Exception) -> Generator[Msg, Any, None]:
+        yield from _restore_focus(exc, focus, z0, retries, retry_delay)
 
     return (
-        (
-            yield from bpp.contingency_wrapper(
-                make_plan(), except_plan=lambda e: restore(), auto_raise=True
-            )
-        )
+        (yield from bpp.contingency_wrapper(make_plan(), except_plan=restore, auto_raise=True))
         if restore_on_error
         else (yield from make_plan())
     )
@@ -737,9 +1005,13 @@ def calibration_plan(
         change); the run is closed as failed and the focus restored.
     ValueError
         Bad arguments, or positions outside the focus limits (before any motion).
+    DeviceFault
+        A move or snap still failing after ``retries`` retries ``retry_delay`` s apart
+        (every move is retried, the return to the start position too).
     """
     if not isinstance(num, int) or num < 7:
         raise ValueError(f"num={num!r} must be an integer >= 7 (use ~121 over +/-13 DOF).")
+    _check_retries(retries, retry_delay)
     if scorer.higher_is_sharper:
         raise ValueError(
             f"calibration_plan needs the DeepFocus blur score (lower is sharper); got the focus "
@@ -826,7 +1098,13 @@ def calibration_plan(
         token = yield from bps.subscribe("all", forward)
         yield from bpp.finalize_wrapper(stack(), cleanup)
         del forward
-        yield from bps.mv(focus, z0)
+        yield from _move(
+            focus,
+            z0,
+            retries=retries,
+            retry_delay=retry_delay,
+            what=f"return the focus to its start position z={z0!r} um",
+        )
         dof = _dof_guess(objective)
         cal = Calibration.from_stack(
             zs,
@@ -847,12 +1125,16 @@ def calibration_plan(
         rec.fwhm_um.put(cal.fwhm_um)
         rec.focus_um.put(cal.focus_um)
         rec.moffat_r2.put(cal.moffat_r2)
-        yield from bps.create(name=CALIBRATION_STREAM)
-        yield from bps.read(rec)
-        yield from bps.save()
+        yield from _emit(CALIBRATION_STREAM, rec)
         return cal
 
-    plan = _safe_focus(focus, lambda: _run_returning(inner, _md), restore_on_error=True)
+    plan = _safe_focus(
+        focus,
+        lambda: _run_returning(inner, _md),
+        restore_on_error=True,
+        retries=retries,
+        retry_delay=retry_delay,
+    )
     return (yield from bpp.stage_wrapper(plan, [camera, focus]))
 
 

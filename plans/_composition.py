@@ -50,8 +50,11 @@ from bluesky_deepfocus.scoring import FocusFunction
 
 from ._autofocus import (
     _check_calibration,
+    _check_retries,
     _config_value,
+    _emit,
     _limits_of,
+    _move,
     _run_returning,
     _Session,
     _validate,
@@ -133,6 +136,7 @@ def _check_autofocus_kwargs(kwargs: Mapping[str, Any], where: str) -> dict[str, 
             "calibration's half range)."
         )
     _check_nonnegative(settings["settle_time"], "settle_time", "seconds after each move")
+    _check_retries(settings["retries"], settings["retry_delay"])
     prefix = settings["stream_prefix"]
     if not isinstance(prefix, str) or not prefix.isidentifier():
         raise ValueError(
@@ -285,9 +289,7 @@ class _Refocuser:
             last_blur=float(last_blur),
             reference_blur=float(reference_blur),
         )
-        yield from bps.create(name=self.refocus_stream)
-        yield from bps.read(self.record)
-        yield from bps.save()
+        yield from _emit(self.refocus_stream, self.record)
         kwargs = dict(self.stub_kwargs)
         if prior is not None:  # warm start: a small budget is enough (WARM_MAX_IMAGES)
             kwargs["max_images"] = min(int(kwargs.get("max_images", 8)), WARM_MAX_IMAGES)
@@ -465,7 +467,14 @@ class RefocusPerStep:
             here = _coordinates(step)
             prior = self._prior_at(here)
             if prior is not None:  # start where the nearest earlier point was in focus
-                yield from bps.mv(self.focus, prior[0])
+                lo, hi = _limits_of(self.focus)  # (a readback may sit a hair past a limit)
+                yield from _move(
+                    self.focus,
+                    min(max(prior[0], lo), hi),
+                    retries=self.settings["retries"],
+                    retry_delay=self.settings["retry_delay"],
+                    what=f"move the focus to the warm start z={prior[0]!r} um",
+                )
             yield from self._refocuser.refocus(
                 "first" if index == 0 else "every", prior=prior, seq_num=index + 1
             )

@@ -134,3 +134,109 @@ def test_truncated_or_missing_file_is_refused(tmp_path):
         Calibration.load(p)
     with pytest.raises(CalibrationError, match="does not exist; run calibration_plan"):
         Calibration.load(tmp_path / "nope.json")
+
+
+@pytest.fixture(scope="module")
+def calibration_run():
+    """calibration_plan through a RunEngine on a small simulated microscope: the returned
+    calibration and every document the run emitted."""
+    import asyncio
+
+    from bluesky import RunEngine
+
+    from bluesky_deepfocus import DeepFocusScorer
+    from bluesky_deepfocus.devices import MMCamera, MMFocusStage
+    from bluesky_deepfocus.plans import calibration_plan
+    from bluesky_deepfocus.sim import simulated_microscope
+
+    core = simulated_microscope(
+        specimen="tissue", sensor_shape=(256, 256), seed=3, slide_size_um=600.0
+    )
+    camera = MMCamera(core, name="camera")
+    focus = MMFocusStage(core, name="focus", limits=(-1000.0, 1000.0))
+    loop = asyncio.new_event_loop()
+    re = RunEngine({}, call_returns_result=True, loop=loop)
+    docs: list[tuple[str, dict]] = []
+    re.subscribe(lambda name, doc: docs.append((name, doc)))
+    try:
+        cal = re(
+            calibration_plan(camera, focus, -150, 150, 61, scorer=DeepFocusScorer())
+        ).plan_result
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        re._th.join()
+        loop.close()
+    return cal, docs
+
+
+def _assert_same(back: Calibration, cal: Calibration) -> None:
+    assert back.uid == cal.uid
+    np.testing.assert_allclose(back.z_um, cal.z_um)
+    np.testing.assert_allclose(back.blur, cal.blur, equal_nan=True)
+    np.testing.assert_allclose(back.log_signal, cal.log_signal, equal_nan=True)
+    assert back.fwhm_um == pytest.approx(cal.fwhm_um)
+    assert back.dof_um == pytest.approx(cal.dof_um)
+
+
+class _Stream:
+    """A catalog stream as ``Calibration.from_run`` reads it: ``read()`` -> columns."""
+
+    def __init__(self, columns: dict[str, list]) -> None:
+        self.columns = columns
+
+    def read(self) -> dict[str, list]:
+        return self.columns
+
+
+def test_calibration_plan_documents_rebuild_the_calibration(calibration_run):
+    """The stored data key is the one calibration_plan really writes (ophyd device
+    ``calibration``, component ``calibration``: ``calibration_calibration``), and both
+    from_documents and from_run read it."""
+    from bluesky_deepfocus.schema import CALIBRATION_STREAM
+
+    cal, docs = calibration_run
+    desc = next(d for n, d in docs if n == "descriptor" and d["name"] == CALIBRATION_STREAM)
+    assert "calibration_calibration" in desc["data_keys"]
+    _assert_same(Calibration.from_documents(docs), cal)
+
+    events = [d for n, d in docs if n == "event" and d["descriptor"] == desc["uid"]]
+    columns = {k: [e["data"][k] for e in events] for k in desc["data_keys"]}
+    run = {CALIBRATION_STREAM: _Stream(columns)}
+    _assert_same(Calibration.from_run(run), cal)
+    # the bare key of older writers / hand-made runs is accepted as well
+    old = {CALIBRATION_STREAM: _Stream({"calibration": columns["calibration_calibration"]})}
+    _assert_same(Calibration.from_run(old), cal)
+
+
+def test_calibration_run_in_a_catalog_rebuilds_the_calibration(calibration_run, tmp_path):
+    """The same documents stored in an embedded catalog and read back with from_run."""
+    from bluesky_deepfocus.storage import CatalogWriter, close_catalog, open_catalog
+
+    cal, docs = calibration_run
+    catalog = open_catalog(tmp_path / "catalog")
+    try:
+        writer = CatalogWriter(catalog, fsync=False, background=False)
+        for name, doc in docs:
+            writer(name, doc)
+        _assert_same(Calibration.from_run(catalog[cal.uid]), cal)
+    finally:
+        close_catalog(catalog)
+
+
+def test_documents_without_a_calibration_are_refused(calibration_run):
+    from bluesky_deepfocus.schema import CALIBRATION_STREAM
+
+    _, docs = calibration_run
+    stripped = [
+        (n, {**d, "data": {k: v for k, v in d["data"].items() if not k.endswith("calibration")}})
+        if n == "event"
+        else (n, d)
+        for n, d in docs
+    ]
+    with pytest.raises(CalibrationError, match="holds no calibration"):
+        Calibration.from_documents(stripped)
+    without = [
+        (n, d) for n, d in docs if not (n == "descriptor" and d["name"] == CALIBRATION_STREAM)
+    ]
+    with pytest.raises(CalibrationError, match="not a calibration run"):
+        Calibration.from_documents(without)

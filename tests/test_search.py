@@ -181,3 +181,44 @@ def test_settings_are_recorded(cal):
     s = DeepFocusSearch(cal, start=0.0, lo=-10, hi=10, settings=DeepFocusSettings(tol_dof=0.05))
     rec = s.settings()
     assert rec["tol_dof"] == 0.05 and rec["name"] == "deepfocus" and rec["lo"] == -10
+
+
+@pytest.mark.parametrize("truth", [-45.0, 12.0, 60.0])
+def test_images_that_contradict_a_warm_start_prior_win(cal, truth):
+    """A focus jump far beyond a tight prior (sd = DOF/4): the candidates still cover the
+    whole range, and the images, not the prior, decide."""
+    res = drive(
+        DeepFocusSearch(
+            cal, start=0.0, lo=-150, hi=150, min_images=2, max_images=5, prior=(0.0, 2.8)
+        ),
+        truth,
+    )
+    assert res.converged and abs(res.z_focus - truth) < 0.3, res
+    assert res.details["prior_weight"] < 0.5  # the prior was recognised as contradicted
+
+
+def test_prior_floor_setting(cal):
+    with pytest.raises(ValueError, match=r"prior_floor=1\.0 must be in \[0, 1\)"):
+        DeepFocusSearch(
+            cal,
+            start=0.0,
+            lo=-150,
+            hi=150,
+            prior=(0, 4),
+            settings=DeepFocusSettings(prior_floor=1.0),
+        )
+    # prior_floor=0: a plain Gaussian prior (trusts it fully); still refocuses a small drift
+    res = drive(
+        DeepFocusSearch(
+            cal,
+            start=0.0,
+            lo=-150,
+            hi=150,
+            min_images=2,
+            max_images=3,
+            prior=(0.0, 4.0),
+            settings=DeepFocusSettings(prior_floor=0.0),
+        ),
+        2.0,
+    )
+    assert abs(res.z_focus - 2.0) < 0.15 and res.details["prior_weight"] == 1.0

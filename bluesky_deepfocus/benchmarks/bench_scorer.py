@@ -13,6 +13,9 @@ specimen, the ROI score is measured over a z range (+/-150 um at 10x/0.3). Repor
   more than 5 % of its range out to the end of the scan (reported as a total range);
 * **monotone** -- fraction of specimens whose (3-point smoothed, normalized) curve never
   falls by more than 0.03 as ``|z|`` grows out to 120 um on either side;
+* **still rising** -- fraction of specimens that are monotone *and* still rise by more
+  than 0.05 from 60 to 120 um on both sides (a saturated, flat curve is monotone within
+  noise but carries no distance information);
 * **raw offset spread** -- SD across specimens of the *raw* score at focus divided by the
   median rise of the raw score from focus to 60 um: what matching raw scores against a
   calibration made on another specimen has to overcome;
@@ -164,6 +167,31 @@ def monotone_fraction(norm: np.ndarray, z: np.ndarray, out_to: float, tol: float
     return float(np.mean(ok))
 
 
+def rising_fraction(
+    norm: np.ndarray, z: np.ndarray, out_to: float, tol: float = 0.03, rise: float = 0.05
+) -> float:
+    """Fraction of specimens whose curve is monotone out to ``out_to`` (as
+    :func:`monotone_fraction`) *and still informative there*: on both sides the smoothed
+    curve at ``out_to`` exceeds its value at ``out_to / 2`` by more than ``rise`` (a
+    function that saturates, like the classic ones far from focus, is flat there)."""
+    ok = []
+    for row in norm:
+        good = monotone_fraction(row[None, :], z, out_to, tol) == 1.0
+        for sign in (1.0, -1.0):
+            if not good:
+                break
+            zz = sign * z
+            side = zz >= 0
+            order = np.argsort(zz[side])
+            v, a = row[side][order], zz[side][order]
+            sm = np.convolve(np.r_[v[0], v, v[-1]], np.ones(3) / 3, mode="valid")
+            far = sm[int(np.argmin(np.abs(a - out_to)))]
+            mid = sm[int(np.argmin(np.abs(a - out_to / 2)))]
+            good = bool(far - mid > rise)
+        ok.append(good)
+    return float(np.mean(ok))
+
+
 def raw_offset_spread(
     raw: np.ndarray, z: np.ndarray, higher_is_sharper: bool, at: float = 60.0
 ) -> float:
@@ -253,6 +281,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "entropy_bits": h_bits,
                 "depth_range_um": depth_range(norm, z),
                 "monotone_fraction": monotone_fraction(norm, z, out_to=120.0 * half / 150.0),
+                "rising_fraction": rising_fraction(norm, z, out_to=120.0 * half / 150.0),
                 "raw_offset_spread": raw_offset_spread(
                     raw[name], z, fn.higher_is_sharper, at=60.0 * half / 150.0
                 ),
@@ -296,13 +325,13 @@ def _markdown(report: dict[str, Any]) -> str:
             f"## {objective}: {s['n_specimens']} specimens ({', '.join(s['families'])}), "
             f"z = +/-{s['half_range_um']:g} um, {s['z_points']} planes",
             "",
-            "| function | SD (central) | H (paper) | H(|Z| given B) bits | depth range um | monotone to 120 um | raw offset spread | no-information frames |",
-            "|---|---|---|---|---|---|---|---|",
+            "| function | SD (central) | H (paper) | H(|Z| given B) bits | depth range um | monotone to 120 um | still rising 60-120 um | raw offset spread | no-information frames |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for name, r in s["functions"].items():
             lines.append(
                 f"| {name} | {r['sd_central']:.3f} | {r['entropy_paper']:.2f} | {r['entropy_bits']:.2f} | "
-                f"{r['depth_range_um']:.0f} | {r['monotone_fraction']:.2f} | {r['raw_offset_spread']:.3f} | "
+                f"{r['depth_range_um']:.0f} | {r['monotone_fraction']:.2f} | {r['rising_fraction']:.2f} | {r['raw_offset_spread']:.3f} | "
                 f"{r['no_information_fraction']:.2f} |"
             )
         lines.append("")
