@@ -125,6 +125,11 @@ def _trials(
 def _row(label: str, trials: list[Trial], dof: float) -> dict[str, Any]:
     s: dict[str, Any] = dict(summarize(trials, dof))
     s["label"] = label
+    fams = sorted({t.family for t in trials})
+    if len(fams) > 1:
+        s["by_family"] = {
+            f: dict(summarize([t for t in trials if t.family == f], dof)) for f in fams
+        }
     return s
 
 
@@ -608,6 +613,12 @@ def _markdown(report: dict[str, Any]) -> str:
                     f"{r['p95_abs_um']:.3f} | {r['max_abs_um']:.3f} | {r['within_1um']:.2f} | "
                     f"{r['mean_images']:.1f}/{r['max_images']:.0f} | {int(r['n'])} |"
                 )
+                for fam, f in r.get("by_family", {}).items():
+                    lines.append(
+                        f"| &nbsp;&nbsp;{fam} | {f['mean_abs_um']:.3f} | {f.get('mean_abs_dof', float('nan')):.4f} | "
+                        f"{f['p95_abs_um']:.3f} | {f['max_abs_um']:.3f} | {f['within_1um']:.2f} | "
+                        f"{f['mean_images']:.1f}/{f['max_images']:.0f} | {int(f['n'])} |"
+                    )
     for name in ("tilt", "tiles", "timelapse", "overhead", "storage"):
         if name in report["cells"]:
             lines.append(f"\n- {name}: " + json.dumps(report["cells"][name], default=float))
