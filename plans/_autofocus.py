@@ -773,6 +773,46 @@ def _base_md(
     return _md
 
 
+def _provenance(
+    camera: Any,
+    focus: Any,
+    calibration: Calibration | None,
+    scorer: FocusFunction,
+    *,
+    strategy: str,
+    settings: Mapping[str, Any],
+    min_images: int,
+    max_images: int,
+    min_confidence: float,
+    roi: ROI | None,
+    max_travel: float | None,
+    on_failure: str,
+) -> dict[str, Any]:
+    """What a later reader needs to redo an autofocus (the start document's ``deepfocus``)."""
+    lo, hi = _limits_of(focus)
+    return {
+        "calibration_uid": (calibration.uid or "") if calibration is not None else "",
+        "objective": calibration.objective
+        if calibration is not None
+        else str(_config_value(camera, "objective") or ""),
+        "model_id": getattr(scorer, "model_id", scorer.name),
+        "model_sha256": getattr(scorer, "model_sha256", ""),
+        "scorer": scorer.describe(),
+        "algorithm": {
+            "strategy": strategy,
+            "settings": dict(settings),
+            "min_images": min_images,
+            "max_images": max_images,
+            "min_confidence": min_confidence,
+        },
+        "roi": list(roi) if roi is not None else None,
+        "start_z": float(focus.position) if hasattr(focus, "position") else float("nan"),
+        "limits": [lo, hi] if math.isfinite(lo) else None,
+        "max_travel": max_travel,
+        "on_failure": on_failure,
+    }
+
+
 def autofocus_plan(
     camera: Any,
     focus: Any,
@@ -866,30 +906,24 @@ def autofocus_plan(
     _check_retries(retries, retry_delay)
     if strategy != "brent":
         calibration = _check_calibration(calibration, camera)
-    z_start = float(focus.position) if hasattr(focus, "position") else float("nan")
     settings_dict: dict[str, Any] = (
         dict((settings or DeepFocusSettings()).__dict__) if strategy == "deepfocus" else {}
     )
     extra = {
-        "calibration_uid": (calibration.uid or "") if calibration is not None else "",
-        "objective": calibration.objective
-        if calibration is not None
-        else str(_config_value(camera, "objective") or ""),
-        "model_id": getattr(scorer, "model_id", scorer.name),
-        "model_sha256": getattr(scorer, "model_sha256", ""),
-        "scorer": scorer.describe(),
-        "algorithm": {
-            "strategy": strategy,
-            "settings": settings_dict,
-            "min_images": min_images,
-            "max_images": max_images,
-            "min_confidence": min_confidence,
-        },
-        "roi": list(roi) if roi is not None else None,
-        "start_z": z_start,
-        "limits": list(_limits_of(focus)) if math.isfinite(_limits_of(focus)[0]) else None,
-        "max_travel": max_travel,
-        "on_failure": on_failure,
+        **_provenance(
+            camera,
+            focus,
+            calibration,
+            scorer,
+            strategy=strategy,
+            settings=settings_dict,
+            min_images=min_images,
+            max_images=max_images,
+            min_confidence=min_confidence,
+            roi=roi,
+            max_travel=max_travel,
+            on_failure=on_failure,
+        ),
         "prior": list(prior) if prior is not None else None,
         "retries": retries,
     }

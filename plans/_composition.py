@@ -51,10 +51,10 @@ from bluesky_deepfocus.scoring import FocusFunction
 from ._autofocus import (
     _check_calibration,
     _check_retries,
-    _config_value,
     _emit,
     _limits_of,
     _move,
+    _provenance,
     _run_returning,
     _Session,
     _validate,
@@ -190,28 +190,22 @@ def _deepfocus_md(
     refocus: Mapping[str, Any],
 ) -> dict[str, Any]:
     """What a later reader needs to redo the refocuses (the start document's ``deepfocus``)."""
-    lo, hi = _limits_of(focus)
     deepfocus_settings = settings.get("settings")
     return {
-        "calibration_uid": (calibration.uid or "") if calibration is not None else "",
-        "objective": calibration.objective
-        if calibration is not None
-        else str(_config_value(camera, "objective") or ""),
-        "model_id": getattr(scorer, "model_id", scorer.name),
-        "model_sha256": getattr(scorer, "model_sha256", ""),
-        "scorer": scorer.describe(),
-        "algorithm": {
-            "strategy": settings["strategy"],
-            "settings": dict(deepfocus_settings.__dict__) if deepfocus_settings else {},
-            "min_images": settings["min_images"],
-            "max_images": settings["max_images"],
-            "min_confidence": settings["min_confidence"],
-        },
-        "roi": list(settings["roi"]) if settings["roi"] is not None else None,
-        "start_z": float(focus.position) if hasattr(focus, "position") else float("nan"),
-        "limits": [lo, hi] if math.isfinite(lo) else None,
-        "max_travel": settings["max_travel"],
-        "on_failure": settings["on_failure"],
+        **_provenance(
+            camera,
+            focus,
+            calibration,
+            scorer,
+            strategy=settings["strategy"],
+            settings=deepfocus_settings.__dict__ if deepfocus_settings else {},
+            min_images=settings["min_images"],
+            max_images=settings["max_images"],
+            min_confidence=settings["min_confidence"],
+            roi=settings["roi"],
+            max_travel=settings["max_travel"],
+            on_failure=settings["on_failure"],
+        ),
         "refocus": dict(refocus),
     }
 

@@ -8,7 +8,6 @@ asserted to a few um while the structure (runs, streams, counts, messages) is ex
 
 from __future__ import annotations
 
-import asyncio
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +15,6 @@ from typing import Any
 import bluesky.plans as bp
 import numpy as np
 import pytest
-from bluesky import RunEngine
 from bluesky.utils import Msg
 
 from bluesky_deepfocus import Calibration, CalibrationError, DeepFocusScorer
@@ -29,6 +27,8 @@ from bluesky_deepfocus.plans import (
     timelapse_plan,
 )
 from bluesky_deepfocus.sim import MicroscopeSimulation, get_simulation, simulated_microscope
+
+from ._rig import close_run_engine, private_run_engine
 
 SENSOR = (256, 256)
 FOCUS_TOL_UM = 3.0  # partial model; tighten with the final weights
@@ -46,17 +46,6 @@ class Rig:
     cal: Calibration
 
 
-def _run_engine() -> tuple[RunEngine, asyncio.AbstractEventLoop]:
-    loop = asyncio.new_event_loop()
-    return RunEngine({}, call_returns_result=True, loop=loop), loop
-
-
-def _close(re: RunEngine, loop: asyncio.AbstractEventLoop) -> None:
-    loop.call_soon_threadsafe(loop.stop)
-    re._th.join()
-    loop.close()
-
-
 @pytest.fixture(scope="module")
 def rig() -> Rig:
     core = simulated_microscope(
@@ -65,11 +54,11 @@ def rig() -> Rig:
     camera, focus = MMCamera(core, name="camera"), MMFocusStage(core, name="focus")
     xy = MMXYStage(core, name="xy")
     scorer = DeepFocusScorer()
-    re, loop = _run_engine()
+    re, loop = private_run_engine()
     try:
         cal = re(calibration_plan(camera, focus, -150, 150, 61, scorer=scorer)).plan_result
     finally:
-        _close(re, loop)
+        close_run_engine(re, loop)
     return Rig(core, get_simulation(core), camera, focus, xy, scorer, cal)
 
 

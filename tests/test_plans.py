@@ -2,56 +2,26 @@
 
 from __future__ import annotations
 
-import asyncio
-from dataclasses import dataclass
-from typing import Any
-
 import numpy as np
 import pytest
-from bluesky import RunEngine
 
-from bluesky_deepfocus import AutofocusFailed, Calibration, DeepFocusScorer
+from bluesky_deepfocus import AutofocusFailed, Calibration
 from bluesky_deepfocus.devices import LimitError, MMCamera, MMFocusStage
 from bluesky_deepfocus.errors import CalibrationError
 from bluesky_deepfocus.metrics import Tenengrad
 from bluesky_deepfocus.plans import autofocus_plan, calibration_plan
 from bluesky_deepfocus.schema import MD_KEY, RESULT_STREAM, SCORES_STREAM
-from bluesky_deepfocus.sim import MicroscopeSimulation, get_simulation, simulated_microscope
+from bluesky_deepfocus.sim import get_simulation, simulated_microscope
+
+from ._rig import Rig, calibrated_rig
 
 SENSOR = (256, 256)
 TOL_UM = 2.0  # focus tolerance of these functional tests (accuracy is the benchmark's job)
 
 
-@dataclass
-class Rig:
-    core: Any
-    sim: MicroscopeSimulation
-    camera: MMCamera
-    focus: MMFocusStage
-    scorer: DeepFocusScorer
-    cal: Calibration
-    cal_docs: list[tuple[str, dict[str, Any]]]
-
-
 @pytest.fixture(scope="module")
 def rig() -> Rig:
-    core = simulated_microscope(
-        specimen="tissue", sensor_shape=SENSOR, seed=3, slide_size_um=600.0
-    )
-    camera = MMCamera(core, name="camera")
-    focus = MMFocusStage(core, name="focus", limits=(-1000.0, 1000.0))
-    scorer = DeepFocusScorer()
-    loop = asyncio.new_event_loop()
-    re = RunEngine({}, call_returns_result=True, loop=loop)
-    docs: list[tuple[str, dict[str, Any]]] = []
-    re.subscribe(lambda n, d: docs.append((n, d)))
-    try:
-        cal = re(calibration_plan(camera, focus, -150, 150, 61, scorer=scorer)).plan_result
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        re._th.join()
-        loop.close()
-    return Rig(core, get_simulation(core), camera, focus, scorer, cal, docs)
+    return calibrated_rig(sensor_shape=SENSOR, seed=3, slide_size_um=600.0)
 
 
 @pytest.fixture

@@ -13,21 +13,18 @@ suspender's signal changing; a ``msg_hook`` or a document callback only picks th
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import importlib
 import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
-from bluesky import RunEngine
 from bluesky.suspenders import SuspendBoolHigh, SuspendBoolLow
 from bluesky.utils import FailedStatus, RunEngineInterrupted
 from ophyd import Signal
@@ -45,11 +42,10 @@ from bluesky_deepfocus.plans import autofocus_plan, calibration_plan
 from bluesky_deepfocus.schema import CALIBRATION_STREAM, RESULT_STREAM, SCORES_STREAM
 from bluesky_deepfocus.search import DeepFocusSettings, Search, SearchResult
 from bluesky_deepfocus.sim import (
-    MicroscopeSimulation,
     SimFaults,
-    get_simulation,
-    simulated_microscope,
 )
+
+from ._rig import Rig, calibrated_rig, close_run_engine, private_run_engine
 
 SENSOR = (256, 256)
 TRUE_FOCUS = 20.0
@@ -63,44 +59,9 @@ CAL = (-30.0, 30.0, 21)
 FAST = {"retry_delay": 0.01}
 
 
-@dataclass
-class Rig:
-    core: Any
-    sim: MicroscopeSimulation
-    camera: MMCamera
-    focus: MMFocusStage
-    scorer: DeepFocusScorer
-    cal: Calibration
-    cal_docs: list[tuple[str, dict[str, Any]]]
-
-
-def _private_RE() -> tuple[RunEngine, asyncio.AbstractEventLoop]:
-    loop = asyncio.new_event_loop()
-    return RunEngine({}, call_returns_result=True, loop=loop), loop
-
-
-def _close_RE(re: RunEngine, loop: asyncio.AbstractEventLoop) -> None:
-    loop.call_soon_threadsafe(loop.stop)
-    re._th.join()
-    loop.close()
-
-
 @pytest.fixture(scope="module")
 def rig() -> Rig:
-    core = simulated_microscope(
-        specimen="tissue", sensor_shape=SENSOR, seed=3, slide_size_um=600.0
-    )
-    camera = MMCamera(core, name="camera")
-    focus = MMFocusStage(core, name="focus", limits=(-1000.0, 1000.0))
-    scorer = DeepFocusScorer()
-    re, loop = _private_RE()
-    docs: list[tuple[str, dict[str, Any]]] = []
-    re.subscribe(lambda n, d: docs.append((n, d)))
-    try:
-        cal = re(calibration_plan(camera, focus, -150, 150, 61, scorer=scorer)).plan_result
-    finally:
-        _close_RE(re, loop)
-    return Rig(core, get_simulation(core), camera, focus, scorer, cal, docs)
+    return calibrated_rig(sensor_shape=SENSOR, seed=3, slide_size_um=600.0)
 
 
 def _reset(rig: Rig) -> None:
@@ -121,7 +82,7 @@ def sim(rig):
 def baseline(rig) -> list[float]:
     """The z sequence of an uninterrupted autofocus on the noiseless rig (the reference
     for 'resuming neither repeats nor skips a measurement')."""
-    re, loop = _private_RE()
+    re, loop = private_run_engine()
     try:
         rig.sim.noise = False
         rig.sim.set_true_focus(TRUE_FOCUS)
@@ -131,7 +92,7 @@ def baseline(rig) -> list[float]:
         assert res.plan_result.converged and len(zs) >= 4
         return zs
     finally:
-        _close_RE(re, loop)
+        close_run_engine(re, loop)
         _reset(rig)
 
 
@@ -862,7 +823,7 @@ def long_run(rig, tmp_path_factory):
     from bluesky_deepfocus.storage import close_catalog, open_catalog, subscribe_writer
 
     catalog = open_catalog(tmp_path_factory.mktemp("longrun") / "catalog")
-    re, loop = _private_RE()
+    re, loop = private_run_engine()
     recorder = TimelapseRecorder()
     re.subscribe(recorder)
     writer = subscribe_writer(re, catalog, fsync=False)
@@ -887,7 +848,7 @@ def long_run(rig, tmp_path_factory):
             report.exit_statuses[status] = report.exit_statuses.get(status, 0) + 1
         yield report, catalog, recorder
     finally:
-        _close_RE(re, loop)
+        close_run_engine(re, loop)
         close_catalog(catalog)
         _reset(rig)
 
