@@ -16,6 +16,7 @@ from ..calibration import Calibration
 from ..optics import get_objective
 from ..scoring import FocusFunction
 from ..sim import MicroscopeSimulation, get_simulation, simulated_microscope
+from ..spectral import frame_spectrum
 
 __all__ = ["Bench", "Trial", "summarize"]
 
@@ -139,6 +140,10 @@ class Bench:
         self.plan_seconds += dt
         self.images += res.images_used
         truth = sim.true_focus_at(0.0, 0.0)
+        # does the field hold focus information at all, even in focus? (an empty field of a
+        # sparse specimen cannot be focused by any method; the search's own criterion)
+        in_focus = frame_spectrum(sim.render(float(truth)).astype(np.float32))
+        blank = int(np.count_nonzero(in_focus.log_signal()[1] > 0)) < 3
         return Trial(
             objective=sim.objective.name,
             family=family,
@@ -153,7 +158,7 @@ class Bench:
             converged=bool(res.converged),
             status=str(res.status),
             seconds=dt,
-            extra={"focus_map": res.focus_map, "sigma": res.sigma_um},
+            extra={"focus_map": res.focus_map, "sigma": res.sigma_um, "blank_at_focus": blank},
         )
 
 
@@ -173,6 +178,14 @@ def summarize(trials: Sequence[Trial], dof: float | None = None) -> dict[str, fl
         "converged": float(np.mean([t.converged for t in trials])),
         "seconds": float(np.mean([t.seconds for t in trials])),
     }
+    # how the misses happened: refusals (start restored, said so) or confidently wrong
+    ok = np.array([t.status == "converged" for t in trials])
+    out["refused"] = float(np.mean(~ok))
+    out["converged_wrong_1um"] = float(np.mean(ok & (e > 1.0)))
+    blank = np.array([bool(t.extra.get("blank_at_focus", False)) for t in trials])
+    out["blank_at_focus"] = float(np.mean(blank))
+    if np.any(~blank) and np.any(blank):
+        out["mean_abs_um_with_information"] = float(e[~blank].mean())
     if dof:
         out["mean_abs_dof"] = out["mean_abs_um"] / dof
     return out

@@ -602,8 +602,8 @@ def _markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Autofocus benchmark (model {report['model'].get('model_id')}, sensor {report['sensor']} px)",
         "",
-        "| cell | mean abs err (um) | mean (DOF) | p95 | max | within 1 um | images mean/max | n |",
-        "|---|---|---|---|---|---|---|---|",
+        "| cell | mean abs err (um) | mean (DOF) | p95 | max | within 1 um | images mean/max | n | refused | converged >1 um off | field blank at focus |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for rows in report["cells"].values():
         if isinstance(rows, list):
@@ -611,13 +611,15 @@ def _markdown(report: dict[str, Any]) -> str:
                 lines.append(
                     f"| {r['label']} | {r['mean_abs_um']:.3f} | {r.get('mean_abs_dof', float('nan')):.4f} | "
                     f"{r['p95_abs_um']:.3f} | {r['max_abs_um']:.3f} | {r['within_1um']:.2f} | "
-                    f"{r['mean_images']:.1f}/{r['max_images']:.0f} | {int(r['n'])} |"
+                    f"{r['mean_images']:.1f}/{r['max_images']:.0f} | {int(r['n'])} | "
+                    f"{r['refused']:.2f} | {r['converged_wrong_1um']:.2f} | {r['blank_at_focus']:.2f} |"
                 )
                 for fam, f in r.get("by_family", {}).items():
                     lines.append(
                         f"| &nbsp;&nbsp;{fam} | {f['mean_abs_um']:.3f} | {f.get('mean_abs_dof', float('nan')):.4f} | "
                         f"{f['p95_abs_um']:.3f} | {f['max_abs_um']:.3f} | {f['within_1um']:.2f} | "
-                        f"{f['mean_images']:.1f}/{f['max_images']:.0f} | {int(f['n'])} |"
+                        f"{f['mean_images']:.1f}/{f['max_images']:.0f} | {int(f['n'])} | "
+                        f"{f['refused']:.2f} | {f['converged_wrong_1um']:.2f} | {f['blank_at_focus']:.2f} |"
                     )
     for name in ("tilt", "tiles", "timelapse", "overhead", "storage"):
         if name in report["cells"]:
