@@ -15,6 +15,7 @@ import numpy as np
 from ..calibration import Calibration
 from ..optics import get_objective
 from ..scoring import FocusFunction
+from ..search import DeepFocusSettings
 from ..sim import MicroscopeSimulation, get_simulation, simulated_microscope
 from ..spectral import frame_spectrum
 
@@ -46,10 +47,13 @@ class Trial:
 class Bench:
     """One RunEngine, devices rebuilt per simulated microscope."""
 
-    def __init__(self, sensor: int = 512, quiet: bool = True) -> None:
+    def __init__(
+        self, sensor: int = 512, quiet: bool = True, settings: DeepFocusSettings | None = None
+    ) -> None:
         from bluesky import RunEngine
 
         self.sensor = sensor
+        self.settings = settings  # tuning of every strategy="deepfocus" trial
         self.loop = asyncio.new_event_loop()
         self.RE = RunEngine({}, call_returns_result=True, loop=self.loop)
         self.plan_seconds = 0.0
@@ -120,6 +124,8 @@ class Bench:
     ) -> Trial:
         from ..plans import autofocus_plan
 
+        if strategy == "deepfocus" and self.settings is not None:
+            kw.setdefault("settings", self.settings)
         sim.set_true_focus(true_focus)
         focus.move(start_z).wait(10)
         t = time.perf_counter()

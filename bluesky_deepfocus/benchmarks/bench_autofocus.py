@@ -136,7 +136,10 @@ def _row(label: str, trials: list[Trial], dof: float) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    bench = Bench(sensor=args.sensor)
+    from ..search import DeepFocusSettings
+
+    tuning = json.loads(args.settings)
+    bench = Bench(sensor=args.sensor, settings=DeepFocusSettings(**tuning) if tuning else None)
     scorer = DeepFocusScorer()
     cells = set(args.cells)
     needed = ["10x/0.3"]
@@ -148,6 +151,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     n = args.trials
     report: dict[str, Any] = {
         "model": scorer.describe(),
+        "settings": tuning,
         "trials_per_cell": n,
         "sensor": args.sensor,
         "cells": {},
@@ -600,7 +604,7 @@ def _plot_fig4(path: Path, curves: dict[str, dict[str, list[float]]]) -> None:
 
 def _markdown(report: dict[str, Any]) -> str:
     lines = [
-        f"# Autofocus benchmark (model {report['model'].get('model_id')}, sensor {report['sensor']} px)",
+        f"# Autofocus benchmark (model {report['model'].get('model_id')}, sensor {report['sensor']} px, settings {json.dumps(report.get('settings') or {})})",
         "",
         "| cell | mean abs err (um) | mean (DOF) | p95 | max | within 1 um | images mean/max | n | refused | converged >1 um off | field blank at focus |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -655,6 +659,11 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--fig4-far", action="store_true", help="also starts within +/-150 um")
     p.add_argument("--cal-num", type=int, default=121)
     p.add_argument("--sensor", type=int, default=512)
+    p.add_argument(
+        "--settings",
+        default="{}",
+        help="DeepFocusSettings for our search as JSON, e.g. '{\"spec_model_sigma\": 0.3}'",
+    )
     p.add_argument("--out", default="bench_results/autofocus")
     return p
 
