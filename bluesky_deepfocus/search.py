@@ -81,6 +81,9 @@ class Observation:
         Per-patch spectra on the same grid as ``blur_map`` (optional; for focus maps).
     sharpness
         A classic focus value (higher is sharper); used by :class:`BrentSearch`.
+    gradient_sharpness
+        :func:`.metrics.gradient_sharpness` of the frame: what the plans compare to
+        check that the final position is not less sharp than the start.
     """
 
     z: float
@@ -90,6 +93,7 @@ class Observation:
     spectrum: Spectrum | None = None
     patch_spectra: list[list[Spectrum]] | None = None
     sharpness: float = float("nan")
+    gradient_sharpness: float = float("nan")
 
 
 @dataclass(frozen=True)

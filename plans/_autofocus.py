@@ -26,6 +26,7 @@ from ophyd.utils.errors import StatusTimeoutError
 
 from bluesky_deepfocus.calibration import Calibration
 from bluesky_deepfocus.errors import AutofocusFailed, CalibrationError, DeviceFault
+from bluesky_deepfocus.metrics import gradient_sharpness
 from bluesky_deepfocus.results import AutofocusResult
 from bluesky_deepfocus.schema import CALIBRATION_STREAM, MD_KEY, RESULT_STREAM, SCORES_STREAM
 from bluesky_deepfocus.scoring import ROI, FocusFunction, ScoredImage, crop_roi
@@ -433,6 +434,7 @@ def _record(
     pspecs, _ = patch_spectra(crop, scorer.patch_size)
     blur = res.score if not res.higher_is_sharper else float("nan")
     sharp = res.score if res.higher_is_sharper else spec.sharpness()
+    check = gradient_sharpness(crop)
     obs = Observation(
         z=z_read,
         blur=blur,
@@ -441,6 +443,7 @@ def _record(
         spectrum=spec,
         patch_spectra=pspecs,
         sharpness=sharp,
+        gradient_sharpness=check,
     )
     record.update(
         z=z_read,
@@ -448,7 +451,7 @@ def _record(
         blur_map=np.asarray(res.blur_map, dtype=float),
         confidence_map=np.asarray(res.confidence, dtype=float),
         informative_fraction=float(res.informative_fraction),
-        sharpness=float(spec.sharpness()),
+        sharpness=_finite(check),
         image_index=seq,
         spectrum_power=np.nan_to_num(spec.power, nan=0.0),
         spectrum_counts=spec.counts.astype(float),
@@ -700,17 +703,13 @@ def _image_tolerance(calibration: Calibration | None) -> float:
 
 
 def _sharpness_at(observations: list[Observation], z: float, tol: float = 1e-3) -> float:
-    """Spectral sharpness of the image taken nearest to ``z`` within ``tol`` um (the
-    latest of equally near ones); NaN if none was taken there."""
-    near = [
-        (abs(o.z - z), -i, o)
-        for i, o in enumerate(observations)
-        if abs(o.z - z) <= tol and o.spectrum is not None
-    ]
+    """Gradient sharpness (:func:`~bluesky_deepfocus.metrics.gradient_sharpness`) of the
+    image taken nearest to ``z`` within ``tol`` um (the latest of equally near ones); NaN
+    if none was taken there."""
+    near = [(abs(o.z - z), -i, o) for i, o in enumerate(observations) if abs(o.z - z) <= tol]
     if not near:
         return float("nan")
-    best = min(near, key=lambda t: (t[0], t[1]))[2]
-    return float(best.spectrum.sharpness())  # type: ignore[union-attr]
+    return float(min(near, key=lambda t: (t[0], t[1]))[2].gradient_sharpness)
 
 
 def _validate(

@@ -235,3 +235,40 @@ def test_saturation_level_can_be_given_for_float_frames(defocus_series):
     fn = Tenengrad(patch_size=PATCH, saturation=float(np.percentile(img, 50)))
     assert np.all(fn.score(img).confidence == 0)  # half the pixels at or above "saturation"
     assert np.all(Tenengrad(patch_size=PATCH).score(img).confidence > 0)
+
+
+@pytest.mark.parametrize(
+    ("family", "seed"), [("text", 1012), ("beads", 1012), ("smooth", 1012), ("tissue", 1013)]
+)
+def test_gradient_sharpness_orders_frames_of_one_field_by_defocus(family, seed):
+    """The plans' "never less sharp than at the start" measure: on the same field a
+    farther frame is never judged sharper (the spectral high/low-band ratio is not
+    monotone on text: -2.44, -1.29, -0.45 at 10, 15, 20 um for the text field here)."""
+    from bluesky_deepfocus.metrics import gradient_sharpness
+    from bluesky_deepfocus.sim import get_simulation, simulated_microscope
+
+    sim = get_simulation(
+        simulated_microscope(
+            objective="10x/0.3",
+            specimen=family,
+            sensor_shape=(512, 512),
+            seed=seed,
+            slide_size_um=550.0,
+        )
+    )
+    sim.auto_expose()
+    sim.set_true_focus(0.0)
+    zs = (0.0, 3.0, 6.0, 10.0, 15.0, 20.0, 30.0)
+    s = np.array([gradient_sharpness(sim.render(z).astype(np.float32)) for z in zs])
+    assert np.all(np.isfinite(s))
+    # no farther frame is judged sharper by more than the plans' tolerance (0.05)
+    worst = max(s[j] - s[i] for i in range(len(zs)) for j in range(i + 1, len(zs)))
+    assert worst < 0.05, dict(zip(zs, s.round(3), strict=True))
+
+
+def test_gradient_sharpness_ignores_exposure():
+    from bluesky_deepfocus.metrics import gradient_sharpness
+
+    img = np.random.default_rng(0).random((256, 256)) + 1.0
+    assert gradient_sharpness(3.0 * img) == pytest.approx(gradient_sharpness(img))
+    assert np.isnan(gradient_sharpness(np.zeros((64, 64))))
