@@ -164,7 +164,14 @@ class Bench:
             converged=bool(res.converged),
             status=str(res.status),
             seconds=dt,
-            extra={"focus_map": res.focus_map, "sigma": res.sigma_um, "blank_at_focus": blank},
+            extra={
+                "focus_map": res.focus_map,
+                "sigma": res.sigma_um,
+                "blank_at_focus": blank,
+                # where the search put focus, whether or not the plan moved there (the
+                # paper's algorithm always moves there)
+                "estimate": float(res.start_z + res.dz),
+            },
         )
 
 
@@ -188,6 +195,10 @@ def summarize(trials: Sequence[Trial], dof: float | None = None) -> dict[str, fl
     ok = np.array([t.status == "converged" for t in trials])
     out["refused"] = float(np.mean(~ok))
     out["converged_wrong_1um"] = float(np.mean(ok & (e > 1.0)))
+    est = np.array([t.extra.get("estimate", np.nan) - t.true_focus for t in trials])
+    if np.all(np.isfinite(est)):
+        out["mean_abs_estimate_um"] = float(np.abs(est).mean())
+        out["estimate_within_1um"] = float(np.mean(np.abs(est) <= 1.0))
     blank = np.array([bool(t.extra.get("blank_at_focus", False)) for t in trials])
     out["blank_at_focus"] = float(np.mean(blank))
     if np.any(~blank) and np.any(blank):
