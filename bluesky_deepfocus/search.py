@@ -509,6 +509,21 @@ class DeepFocusSettings:
     verify: bool = True  # end with an image at the estimate when the budget allows
     explore_dof: float = 4.0  # step of the search pattern while no image holds information
     prior_floor: float = 0.05  # weight of the flat component of a warm-start prior
+    # the specimen's own curve: a frame's gradient sharpness falls monotonically and
+    # symmetrically with |z - focus| for every specimen, so of two frames the sharper one is
+    # the nearer to focus (a constraint in which the specimen cancels; see _order_cost)
+    use_sharpness_order: bool = True
+    order_sigma: float = 0.02  # sd of a gradient-sharpness difference (log units)
+    order_cap: float = 1000.0  # largest cost (chi^2 units) one contradicted pair adds
+    order_tol_dof: float = 0.2  # slack past a pair's midpoint before the full cost (DOF)
+    # when obeying the order costs the spectra and the CNN more than this (chi^2 units) at
+    # the estimate, they misdescribe the specimen: not converged on them
+    order_conflict: float = 9.0
+    bracket_dof: float = 1.5  # before stopping, image both sides of the estimate within this
+    # frames whose spectra fit the calibration this badly (reduced chi^2 at the estimate) are
+    # not explained by it (content entering from beyond the field, a specimen unlike any
+    # the table can describe): never called converged on them
+    misfit_chi2: float = 6.0
 
 
 class DeepFocusSearch(Search):
@@ -557,7 +572,9 @@ class DeepFocusSearch(Search):
         glo, ghi = self.lo - max(hi_c, 0.0), self.hi + max(-lo_c, 0.0)
         # a coarse grid (<= 400 candidates) locates the basin; _refined() zooms in
         self.grid = _grid(glo, ghi, max(step, (ghi - glo) / 400))
-        self._post: tuple[float, float, NDArray, NDArray] | None = None
+        # posteriors of the current observations (cleared by tell): ask() and result()
+        # evaluate the same ones several times
+        self._memo: dict[Any, Any] = {}
         self._verified = False
 
     def settings(self) -> dict[str, Any]:
@@ -647,8 +664,52 @@ class DeepFocusSearch(Search):
         dof = np.maximum(n_a - np.minimum(n_a, K // 3) - (N - 1), 1).astype(float)
         return chi2, dof
 
+    def _order_cost(self, zs: NDArray, gs: NDArray, grid: NDArray) -> NDArray:
+        """Cost of each focus candidate from the order of the frames' gradient sharpness.
+
+        :func:`.metrics.gradient_sharpness` of frames of one field falls monotonically and
+        symmetrically with ``|z - f|`` whatever the specimen (smooth, sparse, printed text,
+        real micrographs: ``tests/test_search.py`` and ``docs/method.md``), so of two frames
+        the sharper one is the nearer to focus: ``f`` lies on its side of the pair's
+        midpoint. Candidates past the midpoint (by more than ``order_tol_dof`` / 2 DOF at
+        full cost) pay ``min((delta / order_sigma)^2, order_cap)`` per contradicted pair,
+        ``delta`` the pair's sharpness difference. Unlike raw scores matched to a
+        calibration, this needs nothing of the specimen to look like the calibration
+        object; it removes the confident wrong answers where the spectra or the CNN do
+        not fit the specimen (objects at the field's edge, smooth specimens).
+        """
+        ok = np.isfinite(gs)
+        out = np.zeros(len(grid))
+        if not self.s.use_sharpness_order or ok.sum() < 2:
+            return out
+        z, g = zs[ok], gs[ok]
+        tau = max(self.s.order_tol_dof * self.dof, 1e-6)
+        for i in range(len(z)):
+            for j in range(len(z)):
+                d = g[i] - g[j]
+                if d <= 0 or abs(z[i] - z[j]) < 1e-9:
+                    continue
+                a = min((d / self.s.order_sigma) ** 2, self.s.order_cap)
+                v = np.abs(z[i] - grid) - np.abs(z[j] - grid)  # > 0: i (sharper) is farther
+                out += a * np.clip(v / tau, 0.0, 1.0) ** 2
+        return out
+
+    def _update(self, obs: Observation) -> None:
+        self._memo.clear()
+
     def _posterior(
         self, grid: NDArray | None = None, *, gaussian_prior: bool = False
+    ) -> tuple[float, float, NDArray, NDArray, dict[str, float]]:
+        if grid is not None:
+            return self._posterior_on(grid, gaussian_prior=gaussian_prior)
+        key = ("coarse", gaussian_prior)
+        if key not in self._memo:
+            self._memo[key] = self._posterior_on(self.grid, gaussian_prior=gaussian_prior)
+        f, sd, g, p, info = self._memo[key]
+        return f, sd, g, p, dict(info)
+
+    def _posterior_on(
+        self, grid: NDArray, *, gaussian_prior: bool = False
     ) -> tuple[float, float, NDArray, NDArray, dict[str, float]]:
         """Posterior mode, sd, grid, probabilities and diagnostics on ``grid``.
 
@@ -656,19 +717,22 @@ class DeepFocusSearch(Search):
         prior's Gaussian component (versus its flat one): below 1/2 the images contradict
         the prior. ``gaussian_prior`` uses that component alone (for placing images).
         """
-        grid = self.grid if grid is None else grid
         zs = np.array([o.z for o in self.observations])
         bs = np.array([o.blur for o in self.observations])
         specs = [o.spectrum for o in self.observations]
         cost = self._cnn_cost(zs, bs, grid)
+        order = self._order_cost(
+            zs, np.array([o.gradient_sharpness for o in self.observations], dtype=float), grid
+        )
         chi2, dof = self._spec_cost(zs, specs, grid)
         # the spectral chi^2 is over-dispersed when the model is imperfect: scale by its
         # minimum reduced value (>= 1) so the posterior width stays honest
         scale = 1.0
         if np.any(dof > 0):
-            i = int(np.argmin(chi2 + cost))
+            i = int(np.argmin(chi2 + cost + order))
             scale = max(1.0, float(chi2[i] / max(dof[i], 1.0)))
-        total = cost + chi2 / scale
+        total = cost + chi2 / scale + order
+        base = total - order  # what the spectra and the CNN alone say (see order_conflict)
         prior_weight = float("nan")
         if self.prior is not None and len(grid) > 1:
             log_gauss, log_flat = self._prior_parts(grid, float(grid[1] - grid[0]))
@@ -706,6 +770,9 @@ class DeepFocusSearch(Search):
             else float("nan"),
             "spec_dof": float(dof[j]),
             "cnn_cost": float(cost[j]),
+            "order_cost": float(order[j]),
+            "base_at_mode": float(base[j]),
+            "base_min": float(base.min()),
             "prior_weight": prior_weight,
         }
         return f, sd, grid, p, info
@@ -742,6 +809,15 @@ class DeepFocusSearch(Search):
         return self.prior is not None and info["prior_weight"] >= 0.5
 
     def _refined(self, *, gaussian_prior: bool = False) -> tuple[float, float, dict[str, float]]:
+        key = ("refined", gaussian_prior)
+        if key not in self._memo:
+            self._memo[key] = self._refined_now(gaussian_prior=gaussian_prior)
+        f, sd, info = self._memo[key]
+        return f, sd, dict(info)
+
+    def _refined_now(
+        self, *, gaussian_prior: bool = False
+    ) -> tuple[float, float, dict[str, float]]:
         """Posterior mode and sd, re-evaluated on a fine grid (<= 150 points) around the
         coarse mode (``info["prior_weight"]`` from the coarse grid, which covers every
         candidate)."""
@@ -753,8 +829,12 @@ class DeepFocusSearch(Search):
         if len(fine) >= 5:
             f2, sd2, _, _, info2 = self._posterior(fine, gaussian_prior=gaussian_prior)
             info2["prior_weight"] = info["prior_weight"]
+            # within the window (>= 0.5 DOF either side): an order pressing the estimate
+            # against the spectra's own optimum; a far mode it rules out is no conflict
+            info2["order_penalty"] = info2["base_at_mode"] - info2["base_min"]
             # keep the wide sd when the coarse posterior is multimodal
             return f2, max(sd2, sd if sd > half / 3 else sd2), info2
+        info["order_penalty"] = info["base_at_mode"] - info["base_min"]
         return f, sd, info
 
     # ------------------------------------------------------------------ policy
@@ -778,12 +858,37 @@ class DeepFocusSearch(Search):
         f, sd, info = self._refined()
         prior_holds = self._prior_holds(info)
         tol = self.s.tol_dof * self.dof
-        if f < self.lo - self.dof or f > self.hi + self.dof:
-            # focus beyond the reachable range: look once from the nearest bound, then stop
+        if self._misfit(info):
+            sd = max(sd, 2 * tol)  # not done: keep imaging around the estimate
+            if self._order_conflict(info) and n < self.max_images - 1:
+                z = self._follow_sharpness()
+                if z is not None:
+                    return z
+        if (f < self.lo - self.dof or f > self.hi + self.dof) and self._p_reachable() < 0.05:
+            # focus beyond the reachable range: look once from the nearest bound and once
+            # 2 DOF inside it (if that one is the sharper, the sharpness order pulls the
+            # estimate back inside), then stop
             bound = self.lo if f < self.lo else self.hi
-            if self._nearest(bound) <= 0.5 * self.dof:
-                return None
-            return bound
+            if self._nearest(bound) > 0.5 * self.dof:
+                return bound
+            inside = bound + (2.0 if bound == self.lo else -2.0) * self.dof
+            if (
+                self.s.use_sharpness_order
+                and self.lo <= inside <= self.hi
+                and self._nearest(inside) > 0.5 * self.dof
+                and n < self.max_images - 1
+            ):
+                return inside
+            return None
+        f = self.clip(f)  # a wide posterior reaching beyond the bounds: look inside them
+        if n >= self.min_images and sd <= tol and n < self.max_images - 1:
+            side = self._unbracketed_side(f)
+            if side:
+                # a tight posterior from images all on one side of it: image the other side
+                # (its sharpness then confirms the estimate or moves it; see _order_cost)
+                z = f + side * max(self.s.straddle_dof * self.dof, 2 * sd)
+                if self.lo <= z <= self.hi and self._nearest(z) > 0.05 * self.dof:
+                    return z
         if n >= self.min_images and sd <= tol:
             if (
                 self.s.verify
@@ -835,6 +940,62 @@ class DeepFocusSearch(Search):
             z = f + sign * 0.5 * delta
         return z
 
+    def _p_reachable(self) -> float:
+        """Posterior probability that the focus lies within [lo, hi]."""
+        _f, _sd, g, p, _info = self._posterior()
+        return float(p[(g >= self.lo) & (g <= self.hi)].sum())
+
+    def _follow_sharpness(self) -> float | None:
+        """Next position when spectra and CNN contradict the sharpness order (they are
+        misdescribing this specimen): step from the sharpest image away from the blurrier
+        ones, by 1.6x its distance to the nearest of them (at least ``explore_dof`` DOF),
+        as a bracketing search on the frames' own sharpness would."""
+        obs = [o for o in self.observations if np.isfinite(o.gradient_sharpness)]
+        if len(obs) < 2:
+            return None
+        best = max(obs, key=lambda o: o.gradient_sharpness)
+        others = np.array([o.z for o in obs if o is not best])
+        below, above = others[others < best.z], others[others > best.z]
+        if len(below) and len(above):
+            return None  # bracketed: the straddle placement refines inside the bracket
+        if len(above):
+            sign, gap = -1.0, float(above.min() - best.z)
+        else:
+            sign, gap = 1.0, float(best.z - below.max())
+        z = best.z + sign * max(1.618 * gap, self.s.explore_dof * self.dof)
+        z = self.clip(z)
+        return z if self._nearest(z) > 0.05 * self.dof else None
+
+    def _misfit(self, info: dict[str, float]) -> bool:
+        red = info.get("spec_chi2_red", float("nan"))
+        return bool(np.isfinite(red) and red > self.s.misfit_chi2) or self._order_conflict(info)
+
+    def _order_conflict(self, info: dict[str, float]) -> bool:
+        """The sharpness order and the spectra/CNN disagree at the estimate: obeying the
+        order costs them more than ``order_conflict`` within half a DOF or more of it (a
+        far mode that the order rules out -- an ambiguity it resolves -- is no conflict),
+        or the estimate itself still violates the order by that much."""
+        return bool(
+            info.get("order_penalty", 0.0) > self.s.order_conflict
+            or info.get("order_cost", 0.0) > self.s.order_conflict
+        )
+
+    def _unbracketed_side(self, f: float) -> float:
+        """+1 / -1: the side of ``f`` with no image within ``bracket_dof`` DOF while the
+        other side has one (0 when both sides have one, or when sharpness ordering is off)."""
+        if not (self.s.use_sharpness_order and self.s.bracket_dof > 0):
+            return 0.0
+        reach = self.s.bracket_dof * self.dof
+        zs = np.array([o.z for o in self.observations if np.isfinite(o.gradient_sharpness)])
+        if len(zs) == 0:
+            return 0.0
+        eps = 0.05 * self.dof
+        above = bool(np.any((zs > f + eps) & (zs <= f + reach)))
+        below = bool(np.any((zs < f - eps) & (zs >= f - reach)))
+        if above == below:
+            return 0.0
+        return -1.0 if above else 1.0
+
     def _explore(self, n: int) -> float | None:
         step = self.s.explore_dof * self.dof
         first = 1.0 if (self.hi - self.start) >= (self.start - self.lo) else -1.0
@@ -874,16 +1035,31 @@ class DeepFocusSearch(Search):
             conv = False
         if self.n < 2 and not self._prior_holds(info):
             conv = False
-        reason = (
-            f"posterior sd {sd:.3f} um <= {self.s.converged_dof} DOF"
-            if conv
-            else (
+        misfit = self._misfit(info)
+        if misfit:
+            conv = False
+            confidence *= 0.1
+        if conv:
+            reason = f"posterior sd {sd:.3f} um <= {self.s.converged_dof} DOF"
+        elif at_edge:
+            reason = (
                 f"focus estimated at {f:.2f} um, beyond the allowed range [{self.lo:.2f}, "
                 f"{self.hi:.2f}] um (stage limits / max_travel)"
-                if at_edge
-                else f"posterior sd {sd:.3f} um too wide"
             )
-        )
+        elif self._order_conflict(info):
+            reason = (
+                f"the frames' sharpness order contradicts their match to the calibration "
+                f"(obeying it costs chi^2 {info['order_penalty']:.1f}): the estimate {f:.2f} um "
+                "is not trusted"
+            )
+        elif misfit:
+            reason = (
+                f"the frames' spectra do not fit the calibration (reduced chi^2 "
+                f"{info['spec_chi2_red']:.1f} > {self.s.misfit_chi2:g}): the estimate "
+                f"{f:.2f} um is not trusted"
+            )
+        else:
+            reason = f"posterior sd {sd:.3f} um too wide"
         fmap = self._focus_map(f, sd)
         return SearchResult(
             z_focus=f,

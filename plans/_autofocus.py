@@ -593,12 +593,28 @@ def autofocus_stub(
         if ok and not math.isfinite(_sharpness_at(observations, target, tol)):
             # no image at the estimate (the paper's search does not aim for one; ours not when
             # its budget ran out): image it, so that the sharpness check below can run
-            if min_images == max_images:
-                yield from move(target)  # an exact budget was asked for: keep it, say so
-                reason += (
-                    f"; not verified by an image (exact image budget min_images == "
-                    f"max_images == {max_images})"
-                )
+            if len(observations) >= max_images:
+                # the image budget is spent (a user's limit on exposures: kept). Instead of
+                # an image there, the estimate must agree with the images' sharpness: the
+                # sharpest within 1 DOF of it, no sharper image farther from it than a
+                # less sharp one
+                clash = _order_clash(observations, target, 2 * tol, 10 * tol)
+                if clash is None:
+                    yield from move(target)
+                    reason += (
+                        f"; not verified by an image (image budget max_images={max_images} "
+                        "used); consistent with the images' sharpness (the sharpest within 1 DOF)"
+                    )
+                else:
+                    ok = False
+                    target = z0
+                    yield from move(target)
+                    status = "restored"
+                    reason = (
+                        f"restored the start position: the estimate ({res.z_focus:.2f} um) "
+                        f"contradicts the images' sharpness: {clash} (image budget "
+                        f"max_images={max_images} used, so it could not be imaged)"
+                    )
             else:
                 yield from measure(target)
         elif ok or on_failure != "stay":
@@ -700,6 +716,38 @@ def _image_tolerance(calibration: Calibration | None) -> float:
     the depth of field (what the searches call converged), 1 nm without a calibration."""
     dof = calibration.dof_um if calibration is not None else math.nan
     return max(0.1 * dof, 1e-3) if math.isfinite(dof) and dof > 0 else 1e-3
+
+
+def _order_clash(
+    observations: list[Observation], z: float, slack: float, reach: float
+) -> str | None:
+    """Why ``z`` cannot be taken as the focus without an image there, or None.
+
+    Gradient sharpness falls monotonically with ``|z - focus|`` on any specimen, so the
+    sharpest image must lie within ``reach`` um of it, and an image sharper than another (by
+    more than the plans' 0.05 tolerance) must not be farther from it than that one by more
+    than ``slack`` um.
+    """
+    obs = [o for o in observations if math.isfinite(o.gradient_sharpness)]
+    if not obs:
+        return "no image has a finite sharpness"
+    best = max(obs, key=lambda o: o.gradient_sharpness)
+    if abs(best.z - z) > reach:
+        return (
+            f"the sharpest image (at {best.z:.2f} um) is {abs(best.z - z):.2f} um from it, "
+            f"more than {reach:.2f} um (1 DOF)"
+        )
+    for a in obs:
+        for b in obs:
+            if a.gradient_sharpness > b.gradient_sharpness + 0.05 and (
+                abs(a.z - z) > abs(b.z - z) + slack
+            ):
+                return (
+                    f"the image at {a.z:.2f} um (sharpness {a.gradient_sharpness:.2f}) is "
+                    f"sharper than the one at {b.z:.2f} um ({b.gradient_sharpness:.2f}) but "
+                    "farther from the estimate"
+                )
+    return None
 
 
 def _sharpness_at(observations: list[Observation], z: float, tol: float = 1e-3) -> float:

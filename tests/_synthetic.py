@@ -70,3 +70,9 @@ def observe(
     if rng is not None and blur_noise:
         b += float(rng.normal(0, blur_noise))
     return Observation(z=z, blur=b, spectrum=spectrum(z - focus, slope=slope, rng=rng))
+
+
+def gradient_sharpness(z: float, focus: float) -> float:
+    """A frame's gradient sharpness: falls monotonically and symmetrically with |z - focus|
+    (log of the gradient energy of a blur of radius r, ~ -2 log r)."""
+    return -2.0 * math.log(radius(z - focus))

@@ -707,9 +707,31 @@ def liar(rig) -> _LyingScorer:
 
 
 def test_a_confidently_wrong_estimate_is_caught_by_the_sharpness_check(RE, rig, sim, liar):
-    """The sample is in focus at the start; the CNN claims focus is 15 um away. The image
-    taken at that estimate is less sharp than the start: the focus goes back, and the
-    result says why."""
+    """The sample is in focus at the start; the CNN claims focus is 15 um away, and the
+    search is told to ignore the frames' sharpness order (which would see through it, as
+    the next test shows). The image taken at that estimate is less sharp than the start:
+    the focus goes back, and the result says why."""
+    sim.noise = False
+    res = RE(
+        autofocus_plan(
+            rig.camera,
+            rig.focus,
+            rig.cal,
+            scorer=liar,
+            min_images=3,
+            max_images=6,
+            settings=DeepFocusSettings(use_spectra=False, use_sharpness_order=False),
+        )
+    ).plan_result
+    assert res.status == "restored" and not res.converged and not res.moved
+    assert rig.focus.position == pytest.approx(0.0)
+    assert "less sharp than at the start" in res.reason
+    assert res.sharpness_final == pytest.approx(res.sharpness_start)
+
+
+def test_the_sharpness_order_sees_through_a_lying_cnn(RE, rig, sim, liar):
+    """Same lie, default search: the frames' own sharpness order keeps the estimate off the
+    CNN's claimed focus (15 um): it ends in focus, or refuses and stays."""
     sim.noise = False
     res = RE(
         autofocus_plan(
@@ -722,10 +744,8 @@ def test_a_confidently_wrong_estimate_is_caught_by_the_sharpness_check(RE, rig, 
             settings=DeepFocusSettings(use_spectra=False),
         )
     ).plan_result
-    assert res.status == "restored" and not res.converged and not res.moved
-    assert rig.focus.position == pytest.approx(0.0)
-    assert "less sharp than at the start" in res.reason
-    assert res.sharpness_final == pytest.approx(res.sharpness_start)
+    assert abs(res.start_z + res.dz - 15.0) > 0.5 * rig.cal.dof_um, res
+    assert abs(rig.focus.position) < 1.0, res
 
 
 def test_the_final_position_is_never_less_sharp_unverified(RE, rig, sim, liar):
@@ -809,6 +829,29 @@ def test_an_exact_budget_is_kept_and_the_result_says_it_is_unverified(RE, docs, 
     if res.converged and all(abs(z - res.final_z) > 0.1 * rig.cal.dof_um for z in res.z_measured):
         assert "not verified by an image" in res.reason, res
         assert np.isnan(res.sharpness_final), res
+
+
+def test_a_spent_budget_never_moves_to_an_estimate_the_images_contradict(
+    RE, docs, rig, sim, monkeypatch
+):
+    """The search uses its whole budget (3 images around the in-focus start) and ends with a
+    confident estimate 15 um off that it never imaged: no fourth image (the budget is the
+    user's), and no move either, since the sharpest image (at the start) is farther from
+    the estimate than the blurrier ones: the focus stays, and the result says why."""
+    sim.noise = False
+    plans = importlib.import_module(autofocus_plan.__module__)
+    fake = lambda strategy, cal, **kw: _BudgetRanOut(cal, **kw)  # noqa: E731
+    monkeypatch.setattr(plans, "make_search", fake)
+    RE.subscribe(docs)
+    res = RE(
+        autofocus_plan(
+            rig.camera, rig.focus, rig.cal, scorer=rig.scorer, min_images=2, max_images=3
+        )
+    ).plan_result
+    assert res.images_used == 3 == len(_assert_complete_record(docs, _last_run(docs)))
+    assert res.status == "restored" and not res.converged and not res.moved, res
+    assert "contradicts the images' sharpness" in res.reason, res
+    assert rig.focus.position == pytest.approx(0.0)
 
 
 # ======================================================================================

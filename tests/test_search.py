@@ -222,3 +222,69 @@ def test_prior_floor_setting(cal):
         2.0,
     )
     assert abs(res.z_focus - 2.0) < 0.15 and res.details["prior_weight"] == 1.0
+
+
+def _misleading(cal_focus: float, true_focus: float, zs, **settings):
+    """A search told frames whose CNN scores and spectra say focus is at ``cal_focus``
+    (a specimen the calibration misdescribes) while their sharpness order says
+    ``true_focus``."""
+    s = DeepFocusSearch(
+        syn.calibration(),
+        start=zs[0],
+        lo=-150,
+        hi=150,
+        max_images=8,
+        settings=DeepFocusSettings(**settings),
+    )
+    for z in zs:
+        o = syn.observe(z, cal_focus)
+        o.gradient_sharpness = syn.gradient_sharpness(z, true_focus)
+        s.tell(o)
+    return s.result()
+
+
+def test_sharpness_order_overrules_a_misleading_calibration_match():
+    """All frames on one side of focus, fitting a calibration curve whose focus is 18 um
+    off: the frame at 10 um is sharper than the one at 14, so focus is below 12 um."""
+    zs = [10.0, 14.0, 22.0, 30.0, 18.0]
+    blind = _misleading(18.0, 0.0, zs, use_sharpness_order=False)
+    assert blind.converged and abs(blind.z_focus - 18.0) < 0.5  # the trap is real
+    res = _misleading(18.0, 0.0, zs)
+    assert not (res.converged and res.z_focus > 12.0), res
+    assert res.z_focus < 12.0 + 0.2 * syn.DOF
+
+
+def test_sharpness_order_costs_nothing_when_it_agrees(cal):
+    zs = [40.0, 20.0, -5.0, 5.0, 0.3]
+    res = _misleading(0.0, 0.0, zs)
+    assert res.converged and abs(res.z_focus) < 0.05
+    assert res.details["order_cost"] < 1e-6
+
+
+def test_ours_images_the_other_side_before_stopping(cal):
+    """A tight estimate from frames all on one side of it: one more frame on the other
+    side (within bracket_dof) before the search stops."""
+    s = DeepFocusSearch(cal, start=40.0, lo=-150, hi=150, max_images=8)
+    while (z := s.ask()) is not None:
+        o = syn.observe(z, 0.0)
+        o.gradient_sharpness = syn.gradient_sharpness(z, 0.0)
+        s.tell(o)
+    zs = np.array([o.z for o in s.observations])
+    f = s.result().z_focus
+    reach = s.s.bracket_dof * syn.DOF
+    assert np.any((zs > f) & (zs <= f + reach)) and np.any((zs < f) & (zs >= f - reach))
+
+
+def test_frames_the_calibration_cannot_explain_are_never_converged(cal):
+    """Spectra whose shape changes from frame to frame in a way no defocus explains
+    (content entering the field from beyond it): refused, and the reason says why."""
+    rng = np.random.default_rng(0)
+    s = DeepFocusSearch(cal, start=0.0, lo=-150, hi=150, max_images=6)
+    while (z := s.ask()) is not None:
+        o = syn.observe(z, 10.0)
+        o.spectrum = syn.spectrum(z - 10.0, slope=float(rng.uniform(1.0, 4.0)))
+        s.tell(o)
+    res = s.result()
+    assert not res.converged
+    assert "do not fit the calibration" in res.reason
+    assert res.details["spec_chi2_red"] > s.s.misfit_chi2

@@ -19,7 +19,7 @@ from ..search import DeepFocusSettings
 from ..sim import MicroscopeSimulation, get_simulation, simulated_microscope
 from ..spectral import frame_spectrum
 
-__all__ = ["Bench", "Trial", "summarize"]
+__all__ = ["Bench", "Trial", "field_is_blank", "summarize"]
 
 
 @dataclass
@@ -146,10 +146,7 @@ class Bench:
         self.plan_seconds += dt
         self.images += res.images_used
         truth = sim.true_focus_at(0.0, 0.0)
-        # does the field hold focus information at all, even in focus? (an empty field of a
-        # sparse specimen cannot be focused by any method; the search's own criterion)
-        in_focus = frame_spectrum(sim.render(float(truth)).astype(np.float32))
-        blank = int(np.count_nonzero(in_focus.log_signal()[1] > 0)) < 3
+        blank = field_is_blank(sim, float(truth))
         return Trial(
             objective=sim.objective.name,
             family=family,
@@ -173,6 +170,15 @@ class Bench:
                 "estimate": float(res.start_z + res.dz),
             },
         )
+
+
+def field_is_blank(sim: MicroscopeSimulation, true_focus: float) -> bool:
+    """Whether the field holds no detail even in focus: fewer than 3 spatial-frequency bins
+    of the in-focus frame stand above twice the camera noise (an empty stretch of a sparse
+    slide, the uniform inside of a large object). No method can focus such a field; the
+    plans refuse it and restore the start position (tests/test_hostile_input.py)."""
+    in_focus = frame_spectrum(sim.render(float(true_focus)).astype(np.float32))
+    return int(np.count_nonzero(in_focus.log_signal()[1] > 0)) < 3
 
 
 def summarize(trials: Sequence[Trial], dof: float | None = None) -> dict[str, float]:
