@@ -1090,7 +1090,7 @@ class DeepFocusSearch(Search):
         if shape is None or 0 in shape:
             return None
         half = max(4 * sd, 3 * self.dof)
-        step = max(2 * half / 120, 0.01)
+        step = max(2 * half / 48, 0.01)  # coarse: the parabola below refines each patch
         grid = _grid(max(self.grid[0], f - half), min(self.grid[-1], f + half), step)
         zs = np.array([o.z for o in obs])
         out = np.full(shape, np.nan)

@@ -596,14 +596,14 @@ def autofocus_stub(
             if len(observations) >= max_images:
                 # the image budget is spent (a user's limit on exposures: kept). Instead of
                 # an image there, the estimate must agree with the images' sharpness: the
-                # sharpest within 1 DOF of it, no sharper image farther from it than a
+                # sharpest within 2 DOF of it, no sharper image farther from it than a
                 # less sharp one
-                clash = _order_clash(observations, target, 2 * tol, 10 * tol)
+                clash = _order_clash(observations, target, 2 * tol, 20 * tol)
                 if clash is None:
                     yield from move(target)
                     reason += (
                         f"; not verified by an image (image budget max_images={max_images} "
-                        "used); consistent with the images' sharpness (the sharpest within 1 DOF)"
+                        "used); consistent with the images' sharpness (the sharpest within 2 DOF)"
                     )
                 else:
                     ok = False
@@ -735,12 +735,16 @@ def _order_clash(
     if abs(best.z - z) > reach:
         return (
             f"the sharpest image (at {best.z:.2f} um) is {abs(best.z - z):.2f} um from it, "
-            f"more than {reach:.2f} um (1 DOF)"
+            f"more than {reach:.2f} um (2 DOF)"
         )
     for a in obs:
         for b in obs:
+            # on opposite sides of z the slack absorbs an asymmetric sharpness curve; on the
+            # same side none is needed (a less sharp image between the sharpest one and z
+            # means sharpness fell on the way to z)
+            opposite = (a.z - z) * (b.z - z) < 0
             if a.gradient_sharpness > b.gradient_sharpness + 0.05 and (
-                abs(a.z - z) > abs(b.z - z) + slack
+                abs(a.z - z) > abs(b.z - z) + (slack if opposite else 0.0)
             ):
                 return (
                     f"the image at {a.z:.2f} um (sharpness {a.gradient_sharpness:.2f}) is "
