@@ -198,6 +198,7 @@ BENCHES = {
     "devices": "bench_devices",
     "history": "bench_history",
     "reliability": "bench_reliability",
+    "sharpness": "bench_sharpness",
 }
 
 

@@ -980,6 +980,16 @@ class DeepFocusSearch(Search):
             or info.get("order_cost", 0.0) > self.s.order_conflict
         )
 
+    def _bracketed(self, f: float) -> bool:
+        """Images with a sharpness within ``bracket_dof`` DOF on both sides of ``f``."""
+        reach = self.s.bracket_dof * self.dof
+        eps = 0.05 * self.dof
+        zs = np.array([o.z for o in self.observations if np.isfinite(o.gradient_sharpness)])
+        return bool(
+            np.any((zs > f + eps) & (zs <= f + reach))
+            and np.any((zs < f - eps) & (zs >= f - reach))
+        )
+
     def _unbracketed_side(self, f: float) -> float:
         """+1 / -1: the side of ``f`` with no image within ``bracket_dof`` DOF while the
         other side has one (0 when both sides have one, or when sharpness ordering is off)."""
@@ -1039,6 +1049,13 @@ class DeepFocusSearch(Search):
         if misfit:
             conv = False
             confidence *= 0.1
+        # with no spectral detail the estimate rests on the CNN's raw score alone, which
+        # depends on the specimen (the paper's weakness): converged only when images on
+        # both sides of it confirm it through their sharpness order
+        cnn_only = not info.get("spec_dof", 0.0) >= 4 and self.s.use_sharpness_order
+        unconfirmed = conv and cnn_only and not self._bracketed(f)
+        if unconfirmed:
+            conv = False
         if conv:
             reason = f"posterior sd {sd:.3f} um <= {self.s.converged_dof} DOF"
         elif at_edge:
@@ -1051,6 +1068,11 @@ class DeepFocusSearch(Search):
                 f"the frames' sharpness order contradicts their match to the calibration "
                 f"(obeying it costs chi^2 {info['order_penalty']:.1f}): the estimate {f:.2f} um "
                 "is not trusted"
+            )
+        elif unconfirmed:
+            reason = (
+                f"only the CNN's raw score informs (no spectral detail) and no images within "
+                f"{self.s.bracket_dof:g} DOF on both sides confirm the estimate {f:.2f} um"
             )
         elif misfit:
             reason = (

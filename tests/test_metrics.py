@@ -280,3 +280,16 @@ def test_gradient_sharpness_ignores_exposure():
     img = np.random.default_rng(0).random((256, 256)) + 1.0
     assert gradient_sharpness(3.0 * img) == pytest.approx(gradient_sharpness(img))
     assert np.isnan(gradient_sharpness(np.zeros((64, 64))))
+
+
+@pytest.mark.parametrize("family", ["smooth", "sparse_nuclei"])
+def test_sharpness_benchmark_finds_the_order_specimen_free(family):
+    """bench_sharpness on a small stack: no frame sharper than a nearer one (violation
+    negative), and the two sides of focus agree within the search's order_sigma."""
+    from bluesky_deepfocus.benchmarks.bench_sharpness import measure_field
+    from bluesky_deepfocus.search import DeepFocusSettings
+
+    r = measure_field("10x/0.3", family, 2001, num=13, sensor=256)
+    assert r["violation_dof_d0.02"] < 0, r
+    assert r["max_asym"] < DeepFocusSettings().order_sigma, r
+    assert r["range"] > 0.5, r  # the stack does span sharp and blurred frames

@@ -288,3 +288,23 @@ def test_frames_the_calibration_cannot_explain_are_never_converged(cal):
     assert not res.converged
     assert "do not fit the calibration" in res.reason
     assert res.details["spec_chi2_red"] > s.s.misfit_chi2
+
+
+def _cnn_only(zs):
+    s = DeepFocusSearch(syn.calibration(), start=zs[0], lo=-150, hi=150, max_images=8)
+    for z in zs:
+        o = syn.observe(z, 0.0)
+        o.spectrum = None  # no spectral detail: the CNN's raw score alone
+        o.gradient_sharpness = syn.gradient_sharpness(z, 0.0)
+        s.tell(o)
+    return s.result()
+
+
+def test_a_cnn_only_estimate_needs_images_on_both_sides():
+    """The CNN's raw score depends on the specimen: with no spectral detail, an estimate
+    is converged only when images on both sides of it confirm it."""
+    one_side = _cnn_only([3.0, 5.0, 7.0, 9.0, 11.0, 13.0])
+    assert not one_side.converged, one_side
+    assert "only the CNN" in one_side.reason
+    both = _cnn_only([8.0, 12.0, -7.0, 0.2])
+    assert both.converged and abs(both.z_focus) < 0.5, both
