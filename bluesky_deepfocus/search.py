@@ -913,7 +913,7 @@ class DeepFocusSearch(Search):
                 # near focus or unknown side: step toward the roomier side of the bounds
                 sign = 1.0 if (self.hi - self.start) >= (self.start - self.lo) else -1.0
             return self.start + sign * step
-        if n == self.max_images - 1 and self.s.verify:
+        if n == self.max_images - 1 and self.s.verify and self._nearest(f) > 0.05 * self.dof:
             self._verified = True
             return f  # last image: look where we would go (and refine with it)
         if n == 1 and prior_holds:

@@ -15,7 +15,8 @@ refuse them and keep the start position, or focus them: column "blank fields"). 
     paper's algorithm and bounded Brent with Tenengrad, HPF and WS; starts uniform within
     +/-60 um (and +/-150 um with ``--fig4-far``).
 ``near`` / ``far``
-    10x/0.3 with the default budget (<= 5 images within +/-60 um; <= 6 within +/-150 um),
+    10x/0.3 with the default budget (<= 5 images within +/-60 um; <= 6 within +/-150 um,
+    where ``max_travel`` is 150 um + 1 DOF so that every drawn focus is reachable),
     cross-family; ``three``: exactly 3 images within +/-60 um, same family and cross-family,
     ours and the paper's algorithm.
 ``real``
@@ -254,7 +255,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 budget=budget,
                 strategy="deepfocus",
                 seed=seed,
-                max_travel=travel10,
+                max_travel=max(travel10, half + obj10.dof_um),
             )
             rows.append(
                 _row(
@@ -276,7 +277,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             budget=(3, 6),
             strategy="deepfocus",
             seed=2,
-            max_travel=travel10,
+            max_travel=max(travel10, 150 + obj10.dof_um),
         )
         record("far", [_row("ours, <=6 images, +/-150 um, cross-family", tr, obj10.dof_um)])
     if "three" in cells:
