@@ -642,19 +642,22 @@ class DeepFocusSearch(Search):
         Pc = self.s.spec_curvature * D2.T @ D2 + self.s.spec_slope * D1.T @ D1
         P = Pc + 1e-4 * np.eye(K)
         pd = 1.0 / self.s.exposure_sigma**2
-        wB = np.zeros_like(wA)
-        wC = np.zeros_like(wA)
-        for _ in range(2):
-            w = wA + wB + wC
+        # unbounded fit, then a refit with the violated bounds active (an active set of
+        # one step), only for the candidates where some bound is violated
+        c, d = _solve_two_way(wA, yA, P, pd)
+        m = c[:, None, :] + d[:, :, None]
+        wB = np.where(m < lbB, wH, 0.0)
+        wC = np.where(m > ubC, wH, 0.0)
+        act = np.flatnonzero(((wB > 0) | (wC > 0)).any(axis=(1, 2)))
+        if len(act):
+            w = wA[act] + wB[act] + wC[act]
             y = (
-                wA * yA
-                + wB * np.where(np.isfinite(lbB), lbB, 0)
-                + wC * np.where(np.isfinite(ubC), ubC, 0)
+                wA[act] * yA[act]
+                + wB[act] * np.where(np.isfinite(lbB[act]), lbB[act], 0)
+                + wC[act] * np.where(np.isfinite(ubC[act]), ubC[act], 0)
             ) / np.maximum(w, 1e-12)
-            c, d = _solve_two_way(w, y, P, pd)
+            c[act], d[act] = _solve_two_way(w, y, P, pd)
             m = c[:, None, :] + d[:, :, None]
-            wB = np.where(m < lbB, wH, 0.0)
-            wC = np.where(m > ubC, wH, 0.0)
         r = yA - m
         chi2 = (wA * r * r).sum(axis=(1, 2))
         chi2 += (wH * np.maximum(np.nan_to_num(lbB - m, neginf=0.0), 0) ** 2).sum(axis=(1, 2))
@@ -1112,7 +1115,7 @@ class DeepFocusSearch(Search):
         if shape is None or 0 in shape:
             return None
         half = max(4 * sd, 3 * self.dof)
-        step = max(2 * half / 48, 0.01)  # coarse: the parabola below refines each patch
+        step = max(2 * half / 32, 0.01)  # coarse: the parabola below refines each patch
         grid = _grid(max(self.grid[0], f - half), min(self.grid[-1], f + half), step)
         zs = np.array([o.z for o in obs])
         out = np.full(shape, np.nan)
