@@ -596,14 +596,14 @@ def autofocus_stub(
             if len(observations) >= max_images:
                 # the image budget is spent (a user's limit on exposures: kept). Instead of
                 # an image there, the estimate must agree with the images' sharpness: the
-                # sharpest within 2 DOF of it, no sharper image farther from it than a
+                # sharpest within 1.5 DOF of it, no sharper image farther from it than a
                 # less sharp one
-                clash = _order_clash(observations, target, 2 * tol, 20 * tol)
+                clash = _order_clash(observations, target, 2 * tol, 15 * tol)
                 if clash is None:
                     yield from move(target)
                     reason += (
                         f"; not verified by an image (image budget max_images={max_images} "
-                        "used); consistent with the images' sharpness (the sharpest within 2 DOF)"
+                        "used); consistent with the images' sharpness (the sharpest within 1.5 DOF)"
                     )
                 else:
                     ok = False
@@ -735,7 +735,7 @@ def _order_clash(
     if abs(best.z - z) > reach:
         return (
             f"the sharpest image (at {best.z:.2f} um) is {abs(best.z - z):.2f} um from it, "
-            f"more than {reach:.2f} um (2 DOF)"
+            f"more than {reach:.2f} um (1.5 DOF)"
         )
     for a in obs:
         for b in obs:
