@@ -25,11 +25,14 @@ Strategies
     specimen cancels: the frames' radially binned ``log(P - N)`` spectra are matched to
     the calibration's with a free constant per spatial frequency (the specimen's own
     spectrum) and per frame (exposure), and the CNN scores with a free offset (the
-    specimen's own raw score level). Images are placed where they inform most: a first
-    step sized by the single-image estimate, then pairs straddling the current estimate
-    at ~0.7 DOF (where the transfer function changes fastest with z, and where a
-    symmetric pair cancels the specimen exactly), stopping as soon as the posterior
-    spread is below the tolerance.
+    specimen's own raw score level), and the order of the frames' gradient sharpness (the
+    sharper of two frames is the nearer to focus, whatever the specimen). Images are
+    placed where they inform most: a first step sized by the single-image estimate, then
+    pairs straddling the current estimate at ~0.7 DOF (where the transfer function changes
+    fastest with z, and where a symmetric pair cancels the specimen exactly), stopping as
+    soon as the posterior spread is below the tolerance with images on both sides of the
+    estimate. Frames the calibration cannot explain, or an estimate their sharpness order
+    contradicts, are never called converged.
 :class:`BrentSearch`
     Bounded Brent minimization of a classic focus function (the paper's baseline).
 """
@@ -672,10 +675,10 @@ class DeepFocusSearch(Search):
 
         :func:`.metrics.gradient_sharpness` of frames of one field falls monotonically and
         symmetrically with ``|z - f|`` whatever the specimen (smooth, sparse, printed text,
-        real micrographs: ``tests/test_search.py`` and ``docs/method.md``), so of two frames
-        the sharper one is the nearer to focus: ``f`` lies on its side of the pair's
-        midpoint. Candidates past the midpoint (by more than ``order_tol_dof`` / 2 DOF at
-        full cost) pay ``min((delta / order_sigma)^2, order_cap)`` per contradicted pair,
+        real micrographs: :mod:`.benchmarks.bench_sharpness`, ``tests/test_metrics.py``), so
+        of two frames the sharper one is the nearer to focus: ``f`` lies on its side of the
+        pair's midpoint. Candidates past the midpoint (by more than ``order_tol_dof`` / 2
+        DOF at full cost) pay ``min((delta / order_sigma)^2, order_cap)`` per contradicted pair,
         ``delta`` the pair's sharpness difference. Unlike raw scores matched to a
         calibration, this needs nothing of the specimen to look like the calibration
         object; it removes the confident wrong answers where the spectra or the CNN do
