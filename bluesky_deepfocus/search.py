@@ -986,28 +986,27 @@ class DeepFocusSearch(Search):
             or info.get("order_cost", 0.0) > self.s.order_conflict
         )
 
-    def _bracketed(self, f: float) -> bool:
-        """Images with a sharpness within ``bracket_dof`` DOF on both sides of ``f``."""
+    def _images_beside(self, f: float) -> tuple[bool, bool]:
+        """Whether an image with a sharpness lies within ``bracket_dof`` DOF below / above
+        ``f`` (farther than 0.05 DOF from it)."""
         reach = self.s.bracket_dof * self.dof
         eps = 0.05 * self.dof
         zs = np.array([o.z for o in self.observations if np.isfinite(o.gradient_sharpness)])
-        return bool(
-            np.any((zs > f + eps) & (zs <= f + reach))
-            and np.any((zs < f - eps) & (zs >= f - reach))
-        )
+        below = bool(np.any((zs < f - eps) & (zs >= f - reach)))
+        above = bool(np.any((zs > f + eps) & (zs <= f + reach)))
+        return below, above
+
+    def _bracketed(self, f: float) -> bool:
+        """Images with a sharpness within ``bracket_dof`` DOF on both sides of ``f``."""
+        return all(self._images_beside(f))
 
     def _unbracketed_side(self, f: float) -> float:
         """+1 / -1: the side of ``f`` with no image within ``bracket_dof`` DOF while the
-        other side has one (0 when both sides have one, or when sharpness ordering is off)."""
+        other side has one (0 when both or neither have one, or when the sharpness order
+        is off)."""
         if not (self.s.use_sharpness_order and self.s.bracket_dof > 0):
             return 0.0
-        reach = self.s.bracket_dof * self.dof
-        zs = np.array([o.z for o in self.observations if np.isfinite(o.gradient_sharpness)])
-        if len(zs) == 0:
-            return 0.0
-        eps = 0.05 * self.dof
-        above = bool(np.any((zs > f + eps) & (zs <= f + reach)))
-        below = bool(np.any((zs < f - eps) & (zs >= f - reach)))
+        below, above = self._images_beside(f)
         if above == below:
             return 0.0
         return -1.0 if above else 1.0

@@ -706,13 +706,10 @@ def liar(rig) -> _LyingScorer:
     return _LyingScorer(rig.cal, rig.core, fake=15.0)
 
 
-def test_a_confidently_wrong_estimate_is_caught_by_the_sharpness_check(RE, rig, sim, liar):
-    """The sample is in focus at the start; the CNN claims focus is 15 um away, and the
-    search is told to ignore the frames' sharpness order (which would see through it, as
-    the next test shows). The image taken at that estimate is less sharp than the start:
-    the focus goes back, and the result says why."""
+def _fooled(RE, rig, sim, liar, **settings):
+    """An autofocus run (noise off, 3-6 images) on the lying scorer, with these settings."""
     sim.noise = False
-    res = RE(
+    return RE(
         autofocus_plan(
             rig.camera,
             rig.focus,
@@ -720,9 +717,17 @@ def test_a_confidently_wrong_estimate_is_caught_by_the_sharpness_check(RE, rig, 
             scorer=liar,
             min_images=3,
             max_images=6,
-            settings=DeepFocusSettings(use_spectra=False, use_sharpness_order=False),
+            settings=DeepFocusSettings(**settings),
         )
     ).plan_result
+
+
+def test_a_confidently_wrong_estimate_is_caught_by_the_sharpness_check(RE, rig, sim, liar):
+    """The sample is in focus at the start; the CNN claims focus is 15 um away, and the
+    search is told to ignore the frames' sharpness order (which would see through it, as
+    the next test shows). The image taken at that estimate is less sharp than the start:
+    the focus goes back, and the result says why."""
+    res = _fooled(RE, rig, sim, liar, use_spectra=False, use_sharpness_order=False)
     assert res.status == "restored" and not res.converged and not res.moved
     assert rig.focus.position == pytest.approx(0.0)
     assert "less sharp than at the start" in res.reason
@@ -732,18 +737,7 @@ def test_a_confidently_wrong_estimate_is_caught_by_the_sharpness_check(RE, rig, 
 def test_the_sharpness_order_sees_through_a_lying_cnn(RE, rig, sim, liar):
     """Same lie, default search: the frames' own sharpness order keeps the estimate off the
     CNN's claimed focus (15 um): it ends in focus, or refuses and stays."""
-    sim.noise = False
-    res = RE(
-        autofocus_plan(
-            rig.camera,
-            rig.focus,
-            rig.cal,
-            scorer=liar,
-            min_images=3,
-            max_images=6,
-            settings=DeepFocusSettings(use_spectra=False),
-        )
-    ).plan_result
+    res = _fooled(RE, rig, sim, liar, use_spectra=False)
     assert abs(res.start_z + res.dz - 15.0) > 0.5 * rig.cal.dof_um, res
     assert abs(rig.focus.position) < 1.0, res
 

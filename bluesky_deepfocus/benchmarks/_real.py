@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["REAL_SPECIMENS", "real_specimen"]
+__all__ = ["REAL_SPECIMENS", "real_specimen", "specimen_for"]
 
 # name -> (file in skimage/data, channel or None, assumed pixel size in um)
 # (pixel sizes chosen so each image covers a 10x/0.3 field of 333 um; use at 10x only:
@@ -52,3 +52,11 @@ def real_specimen(name: str) -> tuple[NDArray[np.float64], float]:
     if np.median(img) > 0.5:  # bright background: transmitted light
         img = 1.0 - img
     return img, px
+
+
+def specimen_for(name: str) -> tuple[str | NDArray[np.float64], float | None]:
+    """``(specimen, specimen_pixel_um)`` for :func:`..sim.simulated_microscope`: the bundled
+    image and its pixel size for a ``real_*`` name, else the family name and None."""
+    if name.startswith("real_"):
+        return real_specimen(name)
+    return name, None

@@ -103,47 +103,14 @@ def _trials(
     the same family, and the first few blank ones are run apart to check that the plan
     refuses them and restores the start position.
     """
+    from ._real import specimen_for
+
     rng = np.random.default_rng(seed)
     out: list[Trial] = []
     blanks: list[tuple[str, int, Any, Any, Any]] = []
-    for k in range(n):
-        family = families[k % len(families)]
-        true_focus = float(rng.uniform(-half_range, half_range))
-        for attempt in range(50):
-            spec_seed = 10_000 + seed * 1000 + k + 100_000 * attempt
-            if family.startswith("real_"):
-                from ._real import real_specimen
 
-                image, px = real_specimen(family)
-                _, cam, foc, sim = bench.microscope(
-                    objective, image, spec_seed, specimen_pixel_um=px
-                )
-            else:
-                _, cam, foc, sim = bench.microscope(objective, family, spec_seed)
-            sim.set_true_focus(true_focus)
-            if not field_is_blank(sim, sim.true_focus_at(0.0, 0.0)):
-                break
-            if len(blanks) < blank_checks:
-                blanks.append((family, spec_seed, cam, foc, sim))
-        out.append(
-            bench.autofocus(
-                cam,
-                foc,
-                sim,
-                cal,
-                scorer,
-                strategy=strategy,
-                start_z=0.0,
-                true_focus=true_focus,
-                budget=budget,
-                max_travel=max_travel,
-                family=family,
-                seed=spec_seed,
-                **kw,
-            )
-        )
-    for family, spec_seed, cam, foc, sim in blanks:
-        t = bench.autofocus(
+    def trial(family: str, spec_seed: int, cam: Any, foc: Any, sim: Any, focus: float) -> Trial:
+        return bench.autofocus(
             cam,
             foc,
             sim,
@@ -151,13 +118,31 @@ def _trials(
             scorer,
             strategy=strategy,
             start_z=0.0,
-            true_focus=float(rng.uniform(-half_range, half_range)),
+            true_focus=focus,
             budget=budget,
             max_travel=max_travel,
             family=family,
             seed=spec_seed,
             **kw,
         )
+
+    for k in range(n):
+        family = families[k % len(families)]
+        true_focus = float(rng.uniform(-half_range, half_range))
+        specimen, px = specimen_for(family)
+        for attempt in range(50):
+            spec_seed = 10_000 + seed * 1000 + k + 100_000 * attempt
+            _, cam, foc, sim = bench.microscope(
+                objective, specimen, spec_seed, specimen_pixel_um=px
+            )
+            sim.set_true_focus(true_focus)
+            if not field_is_blank(sim, sim.true_focus_at(0.0, 0.0)):
+                break
+            if len(blanks) < blank_checks:
+                blanks.append((family, spec_seed, cam, foc, sim))
+        out.append(trial(family, spec_seed, cam, foc, sim, true_focus))
+    for family, spec_seed, cam, foc, sim in blanks:
+        t = trial(family, spec_seed, cam, foc, sim, float(rng.uniform(-half_range, half_range)))
         t.extra["blank_field"] = True
         out.append(t)
     return out

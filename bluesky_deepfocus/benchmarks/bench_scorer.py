@@ -44,6 +44,7 @@ from ..optics import get_objective
 from ..scorer import DeepFocusScorer
 from ..scoring import FocusFunction
 from ..specimens import TEST_FAMILIES
+from ._real import specimen_for
 
 SETUPS = {"10x/0.3": 150.0, "20x/0.45": 60.0, "40x/0.75": 20.0}
 PAPER_FUNCTIONS = ("hpf", "tenengrad", "lapv", "ewc", "sml", "ws")
@@ -68,12 +69,7 @@ def measure_curves(
     gated = {name: np.zeros((len(specimens), n_z), bool) for name in functions}
     t0 = time.time()
     for i, (family, seed) in enumerate(specimens):
-        spec: Any = family
-        spec_px = None
-        if family.startswith("real_"):
-            from ._real import real_specimen
-
-            spec, spec_px = real_specimen(family)
+        spec, spec_px = specimen_for(family)
         core = simulated_microscope(
             objective=objective,
             specimen=spec,

@@ -26,6 +26,7 @@ from ..metrics import gradient_sharpness
 from ..optics import get_objective
 from ..sim import get_simulation, simulated_microscope
 from ..specimens import TEST_FAMILIES
+from ._real import specimen_for
 
 __all__ = ["main", "measure_field"]
 
@@ -39,25 +40,18 @@ def measure_field(
     obj = get_objective(objective)
     half = 13 * obj.dof_um
     zs = np.linspace(-half, half, num)
-    if specimen.startswith("real_"):
-        from ._real import real_specimen
-
-        image, px = real_specimen(specimen)
-        core = simulated_microscope(
-            objective=objective,
-            specimen=image,
-            specimen_pixel_um=px,
-            seed=seed,
-            sensor_shape=(sensor, sensor),
-        )
-    else:
-        core = simulated_microscope(
-            objective=objective,
-            specimen=specimen,
-            seed=seed,
-            sensor_shape=(sensor, sensor),
-            slide_size_um=sensor * obj.pixel_size_um * 1.3 + 2 * half * 0.35,
-        )
+    spec, px = specimen_for(specimen)
+    core = simulated_microscope(
+        objective=objective,
+        specimen=spec,
+        specimen_pixel_um=px,
+        seed=seed,
+        sensor_shape=(sensor, sensor),
+        # a bundled image is its own slide; a family's slide reaches beyond the blur
+        slide_size_um=None
+        if px is not None
+        else sensor * obj.pixel_size_um * 1.3 + 2 * half * 0.35,
+    )
     sim = get_simulation(core)
     sim.auto_expose()
     sim.set_true_focus(0.0)
