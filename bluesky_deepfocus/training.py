@@ -378,14 +378,19 @@ class TrainConfig:
     eval_every: int = 500
     ckpt_every: int = 200
     width: int = 24
+    minutes: float = 0.0  # wall-time budget (0: none); the LR schedule follows it too
     export: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _lr_at(step: int, cfg: TrainConfig) -> float:
+def _lr_at(step: int, cfg: TrainConfig, elapsed_s: float = 0.0) -> float:
+    """Linear warm-up, then a cosine decay over the steps or the time budget, whichever
+    runs out first (so a time-boxed run still ends at a low learning rate)."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     p = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    if cfg.minutes > 0:
+        p = max(p, elapsed_s / (60.0 * cfg.minutes))
     return cfg.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
 
 
@@ -406,6 +411,8 @@ def train(cfg: TrainConfig, *, command: str = "", progress: bool = True) -> dict
     else:
         device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     recipe = DataRecipe()
     model = DeepFocusNet(ModelConfig(width=cfg.width)).to(device)
     ema = DeepFocusNet(ModelConfig(width=cfg.width)).to(device)
@@ -432,16 +439,34 @@ def train(cfg: TrainConfig, *, command: str = "", progress: bool = True) -> dict
     t_start = time.time()
     last = t_start
     running: dict[str, float] = {}
+
+    def save_checkpoint() -> None:
+        state = {
+            "model": model.state_dict(),
+            "ema": ema.state_dict(),
+            "opt": opt.state_dict(),
+            "step": step,
+            "wall": wall + time.time() - t_start,
+            "history": history,
+        }
+        _atomic_save(state, ckpt_path)
+
     try:
         it = iter(stream)
+        budget = 60.0 * cfg.minutes
         while step < cfg.steps:
+            elapsed = wall + time.time() - t_start
+            if budget > 0 and elapsed >= budget:
+                print(f"time budget of {cfg.minutes} min reached at step {step}", flush=True)
+                break
             model.train()
             x, t, info = next(it)
-            xb = _augment(prepare_patches(torch.from_numpy(x.astype(np.float32))), gen).to(device)
+            # standardize and augment where the network runs (the GPU when there is one)
+            xb = _augment(prepare_patches(torch.from_numpy(x.astype(np.float32)).to(device)), gen)
             tb = torch.from_numpy(t).to(device)
             ib = torch.from_numpy(info).to(device)
             for g in opt.param_groups:
-                g["lr"] = _lr_at(step, cfg)
+                g["lr"] = _lr_at(step, cfg, elapsed)
             out_ = model(xb)
             loss, parts = loss_fn(out_, tb, ib)
             opt.zero_grad(set_to_none=True)
@@ -465,7 +490,7 @@ def train(cfg: TrainConfig, *, command: str = "", progress: bool = True) -> dict
                 rate = step / max(1e-9, wall + now - t_start)
                 print(
                     f"step {step}/{cfg.steps} loss nll={running['nll']:.3f} bce={running['bce']:.3f} "
-                    f"mae={running['mae']:.3f} lr={_lr_at(step, cfg):.2e} "
+                    f"mae={running['mae']:.3f} lr={_lr_at(step, cfg, now - t_start + wall):.2e} "
                     f"{rate * cfg.batch:.0f} patches/s",
                     flush=True,
                 )
@@ -483,23 +508,14 @@ def train(cfg: TrainConfig, *, command: str = "", progress: bool = True) -> dict
                     flush=True,
                 )
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
-                _atomic_save(
-                    {
-                        "model": model.state_dict(),
-                        "ema": ema.state_dict(),
-                        "opt": opt.state_dict(),
-                        "step": step,
-                        "wall": wall + time.time() - t_start,
-                        "history": history,
-                    },
-                    ckpt_path,
-                )
+                save_checkpoint()
+        save_checkpoint()  # the last step, also when the time budget ended the run
     finally:
         stream.close()
     wall += time.time() - t_start
     final = {k: evaluate(ema, v, device) for k, v in val_sets.items()}
     card = {
-        "model_id": f"deepfocus-w{cfg.width}-s{cfg.steps}-seed{cfg.seed}",
+        "model_id": f"deepfocus-w{cfg.width}-s{step}-seed{cfg.seed}",
         "target": "ln sqrt(2 r50^2 + 0.25), r50 = 50% encircled-energy radius of the PSF in pixels",
         "patch": PATCH,
         "data_recipe": recipe.as_dict(),
@@ -603,6 +619,13 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--val-patches", type=int, default=768)
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--export", default=None, help="where to write the final weights (.pt)")
+    p.add_argument(
+        "--minutes",
+        type=float,
+        default=0.0,
+        help="wall-time budget: stop after this many minutes of training, the learning rate "
+        "decaying over it (0: train --steps)",
+    )
     return p
 
 
@@ -622,6 +645,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         val_patches=args.val_patches,
         eval_every=args.eval_every,
         export=args.export,
+        minutes=args.minutes,
     )
     cmd = "bluesky-deepfocus train " + " ".join(sys.argv[1:] if argv is None else list(argv))
     train(cfg, command=cmd.strip())
