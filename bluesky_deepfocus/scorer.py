@@ -7,9 +7,11 @@ frame is also seen through a pyramid of 2x2 block averages (exactly a camera wit
 2, 4, 8 times larger pixels, which the network was trained on): a level measures
 ``ln r_s`` and contributes ``ln r_s + ln s``. Each fine patch fuses the levels that
 resolve its blur (a level's estimate counts only between 1.5 and 30 of its own pixels,
-with soft edges), weighted by the network's confidence and predicted spread. Coarser
-levels are only computed where the finer one sees a large blur, so a frame near focus
-costs one network pass per patch.
+with soft edges, and not where a coarser level resolves a blur beyond 30 of its pixels:
+a fine level can under-read a blur far larger than its patch), weighted by the
+network's confidence and predicted spread. Coarser levels are only computed once some
+patch of the frame sees a large blur, so a frame near focus costs one network pass per
+patch.
 
 References
 ----------
@@ -130,37 +132,67 @@ class DeepFocusScorer(FocusFunction):
         }
 
     @torch.inference_mode()
-    def _run(self, patches: NDArray[np.float32]) -> NDArray[np.float32]:
+    def _run(self, patches: NDArray[np.float32] | torch.Tensor) -> NDArray[np.float32]:
         outs = []
         for k in range(0, len(patches), self.batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(patches[k : k + self.batch_size]))
-            outs.append(self.model(prepare_patches(x).to(self.device)).float().cpu().numpy())
+            chunk = patches[k : k + self.batch_size]
+            if isinstance(chunk, np.ndarray):
+                chunk = torch.from_numpy(np.ascontiguousarray(chunk)).to(self.device)
+            outs.append(self.model(prepare_patches(chunk)).float().cpu().numpy())
         return np.concatenate(outs) if outs else np.zeros((0, 3), np.float32)
+
+    @staticmethod
+    def _outputs(out: NDArray[np.float32]) -> dict[str, NDArray[np.float64]]:
+        o = out.astype(np.float64)
+        return {
+            "ln_r": o[:, 0],
+            "sigma": np.exp(np.clip(o[:, 1], -5, 3)),
+            "p_info": _sigmoid(o[:, 2]),
+        }
 
     def predict_patches(self, patches: ArrayLike) -> dict[str, NDArray[np.float64]]:
         """Raw network output for ``(N, 128, 128)`` patches: ``ln_r``, ``sigma``, ``p_info``."""
         p = np.asarray(patches, dtype=np.float32)
         if p.ndim != 3 or p.shape[1:] != (PATCH, PATCH):
             raise ValueError(f"patches must be (N, {PATCH}, {PATCH}), got {p.shape!r}.")
-        out = self._run(p).astype(np.float64)
-        return {
-            "ln_r": out[:, 0],
-            "sigma": np.exp(np.clip(out[:, 1], -5, 3)),
-            "p_info": _sigmoid(out[:, 2]),
-        }
+        return self._outputs(self._run(p))
 
+    @property
+    def _on_device(self) -> bool:
+        """Build the pyramid and the patches where the network runs (a GPU): the frame
+        crosses to the device once, and only the network's outputs come back."""
+        return self.device.type != "cpu"
+
+    @torch.inference_mode()
     def score(self, image: ArrayLike, roi: ROI | None = None) -> ScoreResult:
         img = check_image(image, PATCH)
         sat = self._saturation_level(image)
         img, (oy, ox) = crop_roi(img, roi, PATCH)
-        fine, (rows, cols, y0, x0) = to_patches(img, PATCH)
-        sat_frac = self._saturated_fraction(fine, sat)
-        n = len(fine)
+        rows, cols, y0, x0 = patch_grid((img.shape[0], img.shape[1]), PATCH)
+        n = rows * cols
+        on_device = self._on_device
+        if on_device:
+            frame = torch.from_numpy(np.ascontiguousarray(img)).to(self.device)
+            fine_t = _patches_t(frame, PATCH)
+            flat = (fine_t.amax(dim=(1, 2)) == fine_t.amin(dim=(1, 2))).cpu().numpy()
+            sat_frac = (
+                (fine_t >= sat).float().mean(dim=(1, 2)).cpu().numpy().astype(np.float64)
+                if sat is not None
+                else np.zeros(n)
+            )
+            out = self._outputs(self._run(fine_t))
+        else:
+            fine, _ = to_patches(img, PATCH)
+            flat = np.ptp(fine, axis=(1, 2)) == 0
+            sat_frac = self._saturated_fraction(fine, sat)
+            out = self.predict_patches(fine)
         # per level and fine patch: ln r (full-resolution pixels), sigma, p_info (NaN: not computed)
         levels: list[tuple[NDArray, NDArray, NDArray, NDArray]] = []
-        out = self.predict_patches(fine)
         levels.append((out["ln_r"], out["ln_r"], out["sigma"], out["p_info"]))
-        need = out["ln_r"] > _NEXT
+        # a coarser level is computed for every patch once any patch of the frame sees a
+        # large blur: a fine level can *under*-read a blur far beyond its patch (a 90 px
+        # disc read as 4 px), and only the coarser level can overrule it (see _fuse)
+        need = np.full(n, bool(np.any(out["ln_r"] > _NEXT)))
         level_counts = [n]
         # centre of each fine patch in crop coordinates
         cy = (y0 + (np.arange(rows) + 0.5) * PATCH)[:, None].repeat(cols, 1).ravel()
@@ -169,16 +201,25 @@ class DeepFocusScorer(FocusFunction):
             if not np.any(need):
                 break
             s = 2**level
-            small = _block_mean(img, s)
-            if min(small.shape) < PATCH:
+            if on_device:
+                small_t = torch.nn.functional.avg_pool2d(frame[None, None], s)[0, 0]
+                shape = (int(small_t.shape[0]), int(small_t.shape[1]))
+            else:
+                small = _block_mean(img, s)
+                shape = small.shape
+            if min(shape) < PATCH:
                 break
-            prow, pcol, py0, px0 = patch_grid((small.shape[0], small.shape[1]), PATCH)
+            prow, pcol, py0, px0 = patch_grid(shape, PATCH)
             # which coarse patch covers each fine patch centre
             i = np.clip(((cy / s - py0) // PATCH).astype(int), 0, prow - 1)
             j = np.clip(((cx / s - px0) // PATCH).astype(int), 0, pcol - 1)
             wanted = np.unique((i * pcol + j)[need])
-            coarse, _ = to_patches(small, PATCH)
-            res = self.predict_patches(coarse[wanted])
+            if on_device:
+                pick = torch.from_numpy(wanted).to(self.device)
+                res = self._outputs(self._run(_patches_t(small_t, PATCH)[pick]))
+            else:
+                coarse, _ = to_patches(small, PATCH)
+                res = self.predict_patches(coarse[wanted])
             level_counts.append(len(wanted))
             lut = -np.ones(prow * pcol, dtype=int)
             lut[wanted] = np.arange(len(wanted))
@@ -191,13 +232,20 @@ class DeepFocusScorer(FocusFunction):
             sig[use] = res["sigma"][k[use]]
             pin[use] = res["p_info"][k[use]]
             levels.append((own + math.log(s), own, sig, pin))
-            need = use & (own > _NEXT)
+            need = np.full(n, bool(np.any(use & (own > _NEXT))))
         values, conf = _fuse(levels)
         conf[sat_frac > self.max_saturated_fraction] = 0.0
         # a patch without any variation (blank, clipped, zero-filled) holds no focus
         # information whatever the network says
-        conf[np.ptp(fine, axis=(1, 2)) == 0] = 0.0
+        conf[flat] = 0.0
         return self._result(values, conf, rows, cols, (oy + y0, ox + x0), levels=level_counts)
+
+
+def _patches_t(frame: torch.Tensor, patch: int) -> torch.Tensor:
+    """:func:`~.scoring.to_patches` for a 2-D tensor (same centred grid, same order)."""
+    rows, cols, y0, x0 = patch_grid((int(frame.shape[0]), int(frame.shape[1])), patch)
+    sub = frame[y0 : y0 + rows * patch, x0 : x0 + cols * patch]
+    return sub.reshape(rows, patch, cols, patch).permute(0, 2, 1, 3).reshape(-1, patch, patch)
 
 
 def _fuse(levels: list[tuple[NDArray, NDArray, NDArray, NDArray]]) -> tuple[NDArray, NDArray]:
@@ -217,10 +265,18 @@ def _fuse(levels: list[tuple[NDArray, NDArray, NDArray, NDArray]]) -> tuple[NDAr
         if not np.any(ok):
             continue
         coarser = np.zeros(n, bool)
+        # the largest blur a coarser level resolves (over 1.5 of its pixels, confidently):
+        # where it exceeds this level's range, this level's own reading is void
+        seen = np.full(n, -np.inf)
         for later in levels[index + 1 :]:
-            coarser |= np.isfinite(later[1])
+            done = np.isfinite(later[1])
+            coarser |= done
+            sure = done & (np.nan_to_num(later[1], nan=-np.inf) > _LO) & (later[3] > 0.5)
+            seen = np.where(sure, np.maximum(seen, np.nan_to_num(later[0], nan=-np.inf)), seen)
         gate = _sigmoid((_HI - own) / _EDGE)
         gate = np.where(coarser, gate * _sigmoid((_SOFT - own) / 0.25), gate)
+        beyond = seen - index * math.log(2.0)  # in this level's pixels
+        gate = np.where(np.isfinite(beyond), gate * _sigmoid((_HI - beyond) / _EDGE), gate)
         if index > 0:
             gate = gate * _sigmoid((own - _LO) / _EDGE)
         w = np.where(ok, p_info * gate / np.where(ok, sigma, 1.0) ** 2, 0.0)

@@ -218,3 +218,69 @@ def test_training_stops_on_its_time_budget_with_the_learning_rate_decayed(tmp_pa
 
     ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert ck["step"] == card["steps"], "the last step is checkpointed when the budget ends"
+
+
+class _DevicePath(DeepFocusScorer):
+    """The GPU code path (pyramid and patches built with torch), run on the CPU."""
+
+    @property
+    def _on_device(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("z", [0.0, 80.0])
+def test_the_device_path_scores_like_the_numpy_path(scorer, z):
+    frame = render("tissue", z, seed=3)
+    frame[:128, :128] = 500  # a blank patch
+    frame[-128:, -128:] = 65535  # a saturated one
+    ref = scorer.score(frame)
+    dev = _DevicePath().score(frame)
+    assert dev.extra["levels"] == ref.extra["levels"]
+    if z > 40:
+        assert len(ref.extra["levels"]) > 1, "the coarse levels are exercised"
+    np.testing.assert_allclose(dev.blur_map, ref.blur_map, atol=1e-3)
+    np.testing.assert_allclose(dev.confidence, ref.confidence, atol=1e-4)
+    assert dev.confidence.ravel()[0] == 0 and dev.confidence.ravel()[-1] == 0
+    assert dev.score == pytest.approx(ref.score, abs=1e-3)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_blur_far_beyond_the_patch_is_never_read_as_a_small_one(scorer, seed):
+    """20x/0.45, 512 px frames 46-59 um from focus (a 70-90 px blur disc): the full-
+    resolution patches can under-read such a blur as ~4 px (the shipped network did, on
+    some patches, and a calibration stack failed its fit); the coarse pyramid levels
+    overrule them. No patch may read a blur below 10 px, and the frame's score is the
+    geometric blur within 0.5 or "no information"."""
+    obj = get_objective("20x/0.45")
+    for z in (46.0, 59.0):
+        size = psf_support_px(
+            z, na=obj.na, wavelength_um=obj.wavelength_um, pixel_size_um=obj.pixel_size_um
+        )
+        spec = make_specimen("tissue", 512 + size - 1, obj.pixel_size_um, seed=seed)
+        img = blur(spec, objective_psf(obj, z, size=size))
+        scale = 0.3 * 65535 * 0.5 / (40.0 * 20.0) / max(float(np.percentile(spec, 99.9)), 1e-6)
+        frame = CameraModel(photons_per_ms=40.0).expose(
+            img * scale, 20.0, np.random.default_rng(seed)
+        )
+        res = scorer.score(frame)
+        geo = np.log(z * np.tan(np.arcsin(obj.na)) / obj.pixel_size_um)
+        values = res.blur_map[np.isfinite(res.blur_map)]
+        assert np.all(values > np.log(10.0)), f"z={z}: {np.round(res.blur_map, 2)}"
+        assert np.isnan(res.score) or abs(res.score - geo) < 0.5, (z, res.score, geo)
+
+
+def test_fusion_lets_a_coarse_level_overrule_a_fine_under_reading():
+    from bluesky_deepfocus.scorer import _fuse
+
+    one = np.ones(2)
+    fine = (np.array([1.4, 2.0]),) * 2 + (0.8 * one, one)  # full, own, sigma, p_info
+    # level 2 (4x4 blocks): patch 0 resolves 24 px of its own (~96 px: beyond the fine
+    # level's range), patch 1 resolves 2.7 px of its own (~11 px: within it)
+    own = np.array([np.log(24.0), 1.0])
+    coarse = (own + np.log(4.0), own, 0.3 * one, one)
+    mid = (np.full(2, np.nan), np.full(2, np.nan), np.full(2, np.nan), np.zeros(2))
+    values, conf = _fuse([fine, mid, coarse])
+    assert values[0] == pytest.approx(np.log(96.0), abs=0.05), values
+    # within the fine level's range both readings count (the fine one is not voided)
+    assert 2.05 < values[1] < 1.0 + np.log(4.0) - 0.01, values
+    assert conf[1] > 0.9
