@@ -9,9 +9,9 @@ frame is also seen through a pyramid of 2x2 block averages (exactly a camera wit
 resolve its blur (a level's estimate counts only between 1.5 and 30 of its own pixels,
 with soft edges, and not where a coarser level resolves a blur beyond 30 of its pixels:
 a fine level can under-read a blur far larger than its patch), weighted by the
-network's confidence and predicted spread. Coarser levels are only computed once some
-patch of the frame sees a large blur, so a frame near focus costs one network pass per
-patch.
+network's confidence and predicted spread. Coarser levels are only computed where a
+patch sees a large blur (for every patch when most of the frame does), so a frame near
+focus costs one network pass per patch.
 
 References
 ----------
@@ -189,10 +189,11 @@ class DeepFocusScorer(FocusFunction):
         # per level and fine patch: ln r (full-resolution pixels), sigma, p_info (NaN: not computed)
         levels: list[tuple[NDArray, NDArray, NDArray, NDArray]] = []
         levels.append((out["ln_r"], out["ln_r"], out["sigma"], out["p_info"]))
-        # a coarser level is computed for every patch once any patch of the frame sees a
-        # large blur: a fine level can *under*-read a blur far beyond its patch (a 90 px
-        # disc read as 4 px), and only the coarser level can overrule it (see _fuse)
-        need = np.full(n, bool(np.any(out["ln_r"] > _NEXT)))
+        # a coarser level is computed where a patch sees a large blur, and for every patch
+        # when most of the frame does: a fine level can *under*-read a blur far beyond its
+        # patch (a 90 px disc read as 4 px), and only the coarser level can overrule it
+        # (see _fuse)
+        need = _needs_coarser(out["ln_r"], np.ones(n, bool))
         level_counts = [n]
         # centre of each fine patch in crop coordinates
         cy = (y0 + (np.arange(rows) + 0.5) * PATCH)[:, None].repeat(cols, 1).ravel()
@@ -232,13 +233,22 @@ class DeepFocusScorer(FocusFunction):
             sig[use] = res["sigma"][k[use]]
             pin[use] = res["p_info"][k[use]]
             levels.append((own + math.log(s), own, sig, pin))
-            need = np.full(n, bool(np.any(use & (own > _NEXT))))
+            need = _needs_coarser(own, use)
         values, conf = _fuse(levels)
         conf[sat_frac > self.max_saturated_fraction] = 0.0
         # a patch without any variation (blank, clipped, zero-filled) holds no focus
         # information whatever the network says
         conf[flat] = 0.0
         return self._result(values, conf, rows, cols, (oy + y0, ox + x0), levels=level_counts)
+
+
+def _needs_coarser(ln_r: NDArray, measured: NDArray) -> NDArray:
+    """Patches for the next coarser level: those reading a blur above ``_NEXT``, and all
+    measured ones when the median measured patch does."""
+    big = measured & (np.nan_to_num(ln_r, nan=-np.inf) > _NEXT)
+    if np.any(measured) and float(np.nanmedian(ln_r[measured])) > _NEXT:
+        return measured.copy()
+    return big
 
 
 def _patches_t(frame: torch.Tensor, patch: int) -> torch.Tensor:

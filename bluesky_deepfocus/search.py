@@ -500,7 +500,7 @@ class DeepFocusSettings:
     converged_dof: float = 0.1  # call it converged below this (DOF)
     straddle_dof: float = 0.7  # refinement images at estimate +/- this (DOF)
     first_step_min_dof: float = 1.0
-    cnn_sigma: float = 0.12  # sd of one image's ROI score about its specimen curve (ln r)
+    cnn_sigma: float = 0.25  # sd of one image's ROI score about its specimen curve (ln r)
     cnn_offset_sigma: float = 0.35  # prior sd of the specimen's raw score offset (ln r)
     spec_model_sigma: float = 0.15  # model floor of a spectral bin (log power)
     exposure_sigma: float = 0.2  # prior sd of per-image brightness changes (log power)

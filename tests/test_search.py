@@ -290,8 +290,15 @@ def test_frames_the_calibration_cannot_explain_are_never_converged(cal):
     assert res.details["spec_chi2_red"] > s.s.misfit_chi2
 
 
-def _cnn_only(zs):
-    s = DeepFocusSearch(syn.calibration(), start=zs[0], lo=-150, hi=150, max_images=8)
+def _cnn_only(zs, **settings):
+    s = DeepFocusSearch(
+        syn.calibration(),
+        start=zs[0],
+        lo=-150,
+        hi=150,
+        max_images=8,
+        settings=DeepFocusSettings(**settings),
+    )
     for z in zs:
         o = syn.observe(z, 0.0)
         o.spectrum = None  # no spectral detail: the CNN's raw score alone
@@ -305,6 +312,10 @@ def test_a_cnn_only_estimate_needs_images_on_both_sides():
     is converged only when images on both sides of it confirm it."""
     one_side = _cnn_only([3.0, 5.0, 7.0, 9.0, 11.0, 13.0])
     assert not one_side.converged, one_side
-    assert "only the CNN" in one_side.reason
+    # the rule itself, where the CNN alone would be precise enough to call it converged
+    sure = _cnn_only([3.0, 5.0, 7.0, 9.0, 11.0, 13.0], cnn_sigma=0.1)
+    assert sure.sigma_um < 0.1 * syn.calibration().dof_um, sure
+    assert not sure.converged, sure
+    assert "only the CNN" in sure.reason
     both = _cnn_only([8.0, 12.0, -7.0, 0.2])
     assert both.converged and abs(both.z_focus) < 0.5, both
