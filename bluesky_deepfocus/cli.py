@@ -199,6 +199,7 @@ BENCHES = {
     "history": "bench_history",
     "reliability": "bench_reliability",
     "sharpness": "bench_sharpness",
+    "offsets": "bench_offsets",
 }
 
 

@@ -284,3 +284,14 @@ def test_fusion_lets_a_coarse_level_overrule_a_fine_under_reading():
     # within the fine level's range both readings count (the fine one is not voided)
     assert 2.05 < values[1] < 1.0 + np.log(4.0) - 0.01, values
     assert conf[1] > 0.9
+
+
+def test_bench_offsets_measures_the_difference_from_the_calibration_curve():
+    """bench_offsets on one nuclei field: the shipped network reads nuclei close to the
+    tissue calibration curve (bench_offsets, 3 fields: within 0.11 of it at every depth)."""
+    from bluesky_deepfocus.benchmarks.bench_offsets import measure
+
+    (row,) = measure("10x/0.3", ["nuclei"], [101], num=7, cal_num=81)
+    assert row["no_information"] == 0
+    assert abs(float(row["offset_near"])) < 0.3 and abs(float(row["offset_far"])) < 0.3, row
+    assert float(row["spread"]) < 0.3, row
