@@ -229,6 +229,19 @@ for z in (0.0, 60.0):
         t = time.perf_counter(); ten.score(frame); tt.append(time.perf_counter() - t)
     out[f'deepfocus_s_z{{int(z)}}'] = float(np.median(ts))
     out[f'tenengrad_s_z{{int(z)}}'] = float(np.median(tt))
+if {device!r} != 'cpu':  # the network alone, 8 frames' level-0 patches in one batch
+    from bluesky_deepfocus.model import prepare_patches
+    x = torch.from_numpy(frame[:2048, :2048].astype(np.float32)).reshape(16, 128, 16, 128)
+    x = x.permute(0, 2, 1, 3).reshape(256, 128, 128).repeat(8, 1, 1).to({device!r})
+    with torch.inference_mode():
+        for _ in range(3):
+            sc.model(prepare_patches(x))
+        torch.cuda.synchronize()
+        tn = []
+        for _ in range({reps}):
+            t = time.perf_counter(); sc.model(prepare_patches(x)); torch.cuda.synchronize()
+            tn.append(time.perf_counter() - t)
+    out['network_s_per_frame_batch8'] = float(np.median(tn)) / 8
 out['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 out['peak_rss_above_start_mb'] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
 out['threads'] = torch.get_num_threads()
