@@ -163,6 +163,34 @@ class DeepFocusScorer(FocusFunction):
         crosses to the device once, and only the network's outputs come back."""
         return self.device.type != "cpu"
 
+    def _pyramid(self, img: NDArray[np.float32]) -> tuple[Any, Any, Any]:
+        """``(level_image(s), cut(image, pick), predict(patches))`` for the frame (``cut``:
+        the centred patch grid of one level, or its patches ``pick``), in numpy or,
+        :attr:`_on_device`, as tensors on the network's device."""
+        if not self._on_device:
+
+            def block(s: int) -> NDArray[np.float32]:
+                return img if s == 1 else _block_mean(img, s)
+
+            def cut(a: NDArray[np.float32], pick: NDArray | None = None) -> NDArray[np.float32]:
+                p = to_patches(a, PATCH)[0]
+                return p if pick is None else p[pick]
+
+            return block, cut, self.predict_patches
+        frame = torch.from_numpy(np.ascontiguousarray(img)).to(self.device)
+
+        def pool(s: int) -> torch.Tensor:
+            return frame if s == 1 else torch.nn.functional.avg_pool2d(frame[None, None], s)[0, 0]
+
+        def predict(p: torch.Tensor) -> dict[str, NDArray[np.float64]]:
+            return self._outputs(self._run(p))
+
+        def cut_t(t: torch.Tensor, pick: NDArray | None = None) -> torch.Tensor:
+            p = _patches_t(t, PATCH)
+            return p if pick is None else p[torch.from_numpy(pick).to(self.device)]
+
+        return pool, cut_t, predict
+
     @torch.inference_mode()
     def score(self, image: ArrayLike, roi: ROI | None = None) -> ScoreResult:
         img = check_image(image, PATCH)
@@ -170,22 +198,18 @@ class DeepFocusScorer(FocusFunction):
         img, (oy, ox) = crop_roi(img, roi, PATCH)
         rows, cols, y0, x0 = patch_grid((img.shape[0], img.shape[1]), PATCH)
         n = rows * cols
-        on_device = self._on_device
-        if on_device:
-            frame = torch.from_numpy(np.ascontiguousarray(img)).to(self.device)
-            fine_t = _patches_t(frame, PATCH)
-            flat = (fine_t.amax(dim=(1, 2)) == fine_t.amin(dim=(1, 2))).cpu().numpy()
-            sat_frac = (
-                (fine_t >= sat).float().mean(dim=(1, 2)).cpu().numpy().astype(np.float64)
-                if sat is not None
-                else np.zeros(n)
-            )
-            out = self._outputs(self._run(fine_t))
-        else:
-            fine, _ = to_patches(img, PATCH)
-            flat = np.ptp(fine, axis=(1, 2)) == 0
-            sat_frac = self._saturated_fraction(fine, sat)
-            out = self.predict_patches(fine)
+        level_image, cut, predict = self._pyramid(img)
+        fine = cut(level_image(1))
+        # a patch without any variation (blank, clipped, zero-filled) holds no focus
+        # information whatever the network says
+        ft = torch.as_tensor(fine)  # no copy: numpy shares its memory, a tensor is itself
+        flat = (ft.amax(dim=(1, 2)) == ft.amin(dim=(1, 2))).cpu().numpy()
+        sat_frac = (
+            (ft >= sat).float().mean(dim=(1, 2)).cpu().numpy().astype(np.float64)
+            if sat is not None
+            else np.zeros(n)
+        )
+        out = predict(fine)
         # per level and fine patch: ln r (full-resolution pixels), sigma, p_info (NaN: not computed)
         levels: list[tuple[NDArray, NDArray, NDArray, NDArray]] = []
         levels.append((out["ln_r"], out["ln_r"], out["sigma"], out["p_info"]))
@@ -202,12 +226,8 @@ class DeepFocusScorer(FocusFunction):
             if not np.any(need):
                 break
             s = 2**level
-            if on_device:
-                small_t = torch.nn.functional.avg_pool2d(frame[None, None], s)[0, 0]
-                shape = (int(small_t.shape[0]), int(small_t.shape[1]))
-            else:
-                small = _block_mean(img, s)
-                shape = small.shape
+            small = level_image(s)
+            shape = (int(small.shape[0]), int(small.shape[1]))
             if min(shape) < PATCH:
                 break
             prow, pcol, py0, px0 = patch_grid(shape, PATCH)
@@ -215,12 +235,7 @@ class DeepFocusScorer(FocusFunction):
             i = np.clip(((cy / s - py0) // PATCH).astype(int), 0, prow - 1)
             j = np.clip(((cx / s - px0) // PATCH).astype(int), 0, pcol - 1)
             wanted = np.unique((i * pcol + j)[need])
-            if on_device:
-                pick = torch.from_numpy(wanted).to(self.device)
-                res = self._outputs(self._run(_patches_t(small_t, PATCH)[pick]))
-            else:
-                coarse, _ = to_patches(small, PATCH)
-                res = self.predict_patches(coarse[wanted])
+            res = predict(cut(small, wanted))
             level_counts.append(len(wanted))
             lut = -np.ones(prow * pcol, dtype=int)
             lut[wanted] = np.arange(len(wanted))
@@ -236,8 +251,6 @@ class DeepFocusScorer(FocusFunction):
             need = _needs_coarser(own, use)
         values, conf = _fuse(levels)
         conf[sat_frac > self.max_saturated_fraction] = 0.0
-        # a patch without any variation (blank, clipped, zero-filled) holds no focus
-        # information whatever the network says
         conf[flat] = 0.0
         return self._result(values, conf, rows, cols, (oy + y0, ox + x0), levels=level_counts)
 

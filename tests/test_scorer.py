@@ -158,23 +158,18 @@ def test_roi_restricts_the_score_to_its_patches(scorer):
         scorer.score(img, roi=(300, 300, 256, 256))
 
 
-def test_training_smoke_run_writes_weights_and_a_card(tmp_path):
-    from bluesky_deepfocus.training import TrainConfig, train
+def _tiny_run(tmp_path, **kw):
+    """A training configuration of seconds on CPU (a width-8 network, 4-patch batches)."""
+    from bluesky_deepfocus.training import TrainConfig
 
-    cfg = TrainConfig(
-        out=str(tmp_path / "run"),
-        steps=3,
-        batch=4,
-        warmup=1,
-        workers=1,
-        reuse=1,
-        device="cpu",
-        val_patches=8,
-        eval_every=3,
-        ckpt_every=2,
-        width=8,
-        export=str(tmp_path / "w.pt"),
-    )
+    base = dict(batch=4, warmup=1, workers=1, reuse=1, device="cpu", val_patches=8, width=8)
+    return TrainConfig(out=str(tmp_path / "run"), **{**base, **kw})
+
+
+def test_training_smoke_run_writes_weights_and_a_card(tmp_path):
+    from bluesky_deepfocus.training import train
+
+    cfg = _tiny_run(tmp_path, steps=3, eval_every=3, ckpt_every=2, export=str(tmp_path / "w.pt"))
     card = train(cfg, command="smoke", progress=False)
     assert card["steps"] == 3
     model, loaded = load_model(tmp_path / "w.pt")
@@ -197,20 +192,7 @@ def test_training_stops_on_its_time_budget_with_the_learning_rate_decayed(tmp_pa
     assert _lr_at(10, cfg, elapsed_s=0.0) == pytest.approx(cfg.lr, rel=1e-3)
     assert _lr_at(10, cfg, elapsed_s=300.0) == pytest.approx(0.51 * cfg.lr, rel=1e-3)
     assert _lr_at(10, cfg, elapsed_s=600.0) == pytest.approx(0.02 * cfg.lr)
-    cfg = TrainConfig(
-        out=str(tmp_path / "run"),
-        steps=100_000,
-        batch=4,
-        warmup=1,
-        workers=1,
-        reuse=1,
-        device="cpu",
-        val_patches=8,
-        eval_every=1000,
-        ckpt_every=1000,
-        width=8,
-        minutes=1e-4,
-    )
+    cfg = _tiny_run(tmp_path, steps=100_000, eval_every=1000, ckpt_every=1000, minutes=1e-4)
     card = train(cfg, command="budget", progress=False)
     assert 1 <= card["steps"] < 100, card["steps"]
     assert card["model_id"].endswith(f"-s{card['steps']}-seed0")

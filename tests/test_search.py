@@ -224,18 +224,23 @@ def test_prior_floor_setting(cal):
     assert abs(res.z_focus - 2.0) < 0.15 and res.details["prior_weight"] == 1.0
 
 
-def _misleading(cal_focus: float, true_focus: float, zs, **settings):
-    """A search told frames whose CNN scores and spectra say focus is at ``cal_focus``
-    (a specimen the calibration misdescribes) while their sharpness order says
-    ``true_focus``."""
-    s = DeepFocusSearch(
+def _wide_search(start: float, **settings) -> DeepFocusSearch:
+    """A search over +/-150 um on the synthetic calibration, up to 8 images."""
+    return DeepFocusSearch(
         syn.calibration(),
-        start=zs[0],
+        start=start,
         lo=-150,
         hi=150,
         max_images=8,
         settings=DeepFocusSettings(**settings),
     )
+
+
+def _misleading(cal_focus: float, true_focus: float, zs, **settings):
+    """A search told frames whose CNN scores and spectra say focus is at ``cal_focus``
+    (a specimen the calibration misdescribes) while their sharpness order says
+    ``true_focus``."""
+    s = _wide_search(zs[0], **settings)
     for z in zs:
         o = syn.observe(z, cal_focus)
         o.gradient_sharpness = syn.gradient_sharpness(z, true_focus)
@@ -291,14 +296,7 @@ def test_frames_the_calibration_cannot_explain_are_never_converged(cal):
 
 
 def _cnn_only(zs, **settings):
-    s = DeepFocusSearch(
-        syn.calibration(),
-        start=zs[0],
-        lo=-150,
-        hi=150,
-        max_images=8,
-        settings=DeepFocusSettings(**settings),
-    )
+    s = _wide_search(zs[0], **settings)
     for z in zs:
         o = syn.observe(z, 0.0)
         o.spectrum = None  # no spectral detail: the CNN's raw score alone

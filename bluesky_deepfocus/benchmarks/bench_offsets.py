@@ -15,18 +15,23 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from ..optics import get_objective
 from ..scorer import DeepFocusScorer
-from ..sim import get_simulation
 from ..specimens import TEST_FAMILIES
 from ._harness import Bench
 
 __all__ = ["main", "measure"]
 
 CAL_FAMILY = "tissue"
+
+
+def _nan_stat(stat: Any, values: np.ndarray) -> float:
+    """``stat`` (``np.nanmean``/``np.nanstd``) of the finite values; NaN when there are none."""
+    return float(stat(values)) if np.any(np.isfinite(values)) else float("nan")
 
 
 def measure(
@@ -50,8 +55,7 @@ def measure(
     rows: list[dict[str, float | str | int]] = []
     for family in families:
         for seed in seeds:
-            core, _, _, _ = bench.microscope(objective, family, seed)
-            sim = get_simulation(core)
+            sim = bench.microscope(objective, family, seed)[3]
             sim.set_true_focus(0.0)
             b = np.array([scorer.score(sim.render(float(z))).score for z in zs])
             d = b - expected
@@ -59,13 +63,9 @@ def measure(
                 {
                     "family": family,
                     "seed": seed,
-                    "offset_near": float(np.nanmean(d[near]))
-                    if np.any(np.isfinite(d[near]))
-                    else float("nan"),
-                    "offset_far": float(np.nanmean(d[~near]))
-                    if np.any(np.isfinite(d[~near]))
-                    else float("nan"),
-                    "spread": float(np.nanstd(d)) if np.any(np.isfinite(d)) else float("nan"),
+                    "offset_near": _nan_stat(np.nanmean, d[near]),
+                    "offset_far": _nan_stat(np.nanmean, d[~near]),
+                    "spread": _nan_stat(np.nanstd, d),
                     "no_information": int(np.isnan(b).sum()),
                 }
             )
