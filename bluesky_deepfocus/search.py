@@ -87,6 +87,9 @@ class Observation:
     gradient_sharpness
         :func:`.metrics.gradient_sharpness` of the frame: what the plans compare to
         check that the final position is not less sharp than the start.
+    sharpness_floor
+        The camera noise's share of it, :func:`.metrics.gradient_sharpness_floor`
+        (NaN when unknown): what a frame with no detail left would show.
     """
 
     z: float
@@ -97,6 +100,7 @@ class Observation:
     patch_spectra: list[list[Spectrum]] | None = None
     sharpness: float = float("nan")
     gradient_sharpness: float = float("nan")
+    sharpness_floor: float = float("nan")
 
 
 @dataclass(frozen=True)
@@ -527,6 +531,14 @@ class DeepFocusSettings:
     # not explained by it (content entering from beyond the field, a specimen unlike any
     # the table can describe): never called converged on them
     misfit_chi2: float = 6.0
+    # the specimen's own sharpness curve: gradient sharpness (less the camera noise's
+    # share) is symmetric about focus for every specimen, ~ A - B log(1 + ((z - f) / w)^2)
+    # with A, B >= 0 and the width w free (0.1-2 DOF): with >= 4 frames its fit locates f
+    # whatever the specimen (sd of the model about a frame, log units; 0 = off; off too
+    # with use_sharpness_order=False, which turns off every use of the frames' sharpness)
+    sharpness_fit_sigma: float = 0.05
+    # straddle ties: image the side of the sharpest image (else opposite the last one)
+    tie_to_sharper: bool = True
 
 
 class DeepFocusSearch(Search):
@@ -585,19 +597,7 @@ class DeepFocusSearch(Search):
 
     # ------------------------------------------------------------------ likelihood
     def _cnn_cost(self, zs: NDArray, bs: NDArray, grid: NDArray) -> NDArray:
-        ok = np.isfinite(bs)
-        if not self.s.use_cnn or ok.sum() == 0:
-            return np.zeros(len(grid))
-        lo_c, hi_c = self.cal.z_range
-        d = np.clip(zs[ok][None, :] - grid[:, None], lo_c, hi_c)
-        pred = self.cal.b_calib(d.ravel(), clamp=True).reshape(d.shape)
-        resid = bs[ok][None, :] - pred
-        # profile the specimen's offset beta with prior N(0, s_beta^2)
-        sb2, s2 = self.s.cnn_offset_sigma**2, self.s.cnn_sigma**2
-        n = ok.sum()
-        beta = resid.sum(axis=1) / (n + s2 / sb2)
-        r = resid - beta[:, None]
-        return (r**2).sum(axis=1) / s2 + beta**2 / sb2
+        return self._cnn_cost_rows(zs, np.asarray(bs, dtype=float)[None], grid)[0]
 
     def _spec_cost(
         self, zs: NDArray, specs: list[Spectrum | None], grid: NDArray
@@ -615,30 +615,42 @@ class DeepFocusSearch(Search):
         use = [i for i, s in enumerate(specs) if s is not None]
         if not self.s.use_spectra or len(use) < 2:
             return np.zeros(len(grid)), np.zeros(len(grid))
-        obs = [specs[i].log_signal() for i in use]  # type: ignore[union-attr]
-        L = np.stack([o[0] for o in obs])  # (N, K) NaN = undetected
-        W = np.stack([o[1] for o in obs])
-        Lub = np.array([specs[i].detection_limit() for i in use])[:, None] + 0 * L  # type: ignore[union-attr]
-        present = np.stack([specs[i].counts > 0 for i in use])  # type: ignore[union-attr]
-        z = zs[use]
-        F, N, K = len(grid), len(use), L.shape[1]
-        T, WT, Tub = (
-            a.reshape(F, N, K)
-            for a in self.cal.transfer_table((z[None, :] - grid[:, None]).ravel())
-        )
-        ov = np.isfinite(L)[None] & present[None]
+        L, W, Lub, present = _spectra_arrays([specs[i] for i in use])  # type: ignore[misc]
+        T, WT, Tub = self._table(zs[use], grid)
+        return self._spec_chi2(L[None], W[None], Lub[None], present[None], T, WT, Tub)
+
+    def _table(self, z: NDArray, grid: NDArray) -> tuple[NDArray, NDArray, NDArray]:
+        """The calibration's transfer table at frames ``z`` for candidates ``grid``:
+        ``(F, N, K)`` arrays ``T, WT, Tub``."""
+        F, N = len(grid), len(z)
+        T, WT, Tub = self.cal.transfer_table((z[None, :] - grid[:, None]).ravel())
+        return T.reshape(F, N, -1), WT.reshape(F, N, -1), Tub.reshape(F, N, -1)
+
+    def _spec_chi2(
+        self,
+        L: NDArray,
+        W: NDArray,
+        Lub: NDArray,
+        present: NDArray,
+        T: NDArray,
+        WT: NDArray,
+        Tub: NDArray,
+    ) -> tuple[NDArray, NDArray]:
+        """Chi^2 and its dof per row of ``T`` (see :meth:`_spec_cost`): the frames' arrays
+        ``L, W, Lub, present`` are ``(1, N, K)`` (one set of frames for every candidate)
+        or ``(F, N, K)`` (a set per row: the patches of :meth:`_focus_map`, batched)."""
+        _F, N, K = T.shape
+        ov = np.isfinite(L) & present
         tv = np.isfinite(T)
         s2 = self.s.spec_model_sigma**2
         wA = np.where(
-            ov & tv, 1.0 / (1.0 / np.maximum(W[None], 1e-9) + 1.0 / np.maximum(WT, 1e-9) + s2), 0.0
+            ov & tv, 1.0 / (1.0 / np.maximum(W, 1e-9) + 1.0 / np.maximum(WT, 1e-9) + s2), 0.0
         )
-        yA = np.where(ov & tv, np.nan_to_num(L[None] - T), 0.0)
+        yA = np.where(ov & tv, np.nan_to_num(L - T), 0.0)
         # bounds: y = L - T >= L - Tub where only the frame detects; <= Lub - T where only the table does
         wH = 1.0 / (2 * s2)
-        lbB = np.where(ov & ~tv, np.nan_to_num(L[None] - Tub), -np.inf)
-        ubC = np.where(
-            ~np.isfinite(L)[None] & present[None] & tv, np.nan_to_num(Lub[None] - T), np.inf
-        )
+        lbB = np.where(ov & ~tv, np.nan_to_num(L - Tub), -np.inf)
+        ubC = np.where(~np.isfinite(L) & present & tv, np.nan_to_num(Lub - T), np.inf)
         # smoothness of c over log-frequency bins (second differences) + weak ridge
         D2 = np.diff(np.eye(K), 2, axis=0)
         D1 = np.diff(np.eye(K), 1, axis=0)
@@ -700,6 +712,48 @@ class DeepFocusSearch(Search):
                 out += a * np.clip(v / tau, 0.0, 1.0) ** 2
         return out
 
+    def _sharpness_fit_cost(
+        self, zs: NDArray, gs: NDArray, floors: NDArray, grid: NDArray
+    ) -> NDArray:
+        """Chi^2 of the frames' gradient sharpness about a curve symmetric about each
+        candidate (see ``DeepFocusSettings.sharpness_fit_sigma``), profiled over the
+        specimen's level A, depth B >= 0 and width w, relative to the best candidate.
+
+        The camera noise's floor (``floors``) is taken off first: the signal's part
+        ``log(exp(g) - exp(floor))`` follows the curve far from focus too. Near the floor
+        it is uncertain (the floor is estimated to a few per cent, ``floor_rel``): each
+        frame's weight is ``1 / (sigma^2 + (floor_rel / snr)^2)``, and frames with less
+        signal than ``floor_rel`` of the floor are left out. Zeros with fewer than 4
+        frames left.
+        """
+        sig = self.s.sharpness_fit_sigma
+        if sig <= 0 or not self.s.use_sharpness_order:
+            return np.zeros(len(grid))
+        floor_rel = 0.05
+        known = np.isfinite(floors)
+        with np.errstate(invalid="ignore", over="ignore"):
+            snr = np.where(known, np.expm1(gs - floors), np.inf)
+            y = np.where(known, gs + np.log(-np.expm1(np.minimum(floors - gs, -1e-12))), gs)
+        ok = np.isfinite(gs) & (snr > floor_rel) & np.isfinite(y)
+        if ok.sum() < 4:
+            return np.zeros(len(grid))
+        z, g = zs[ok], y[ok]
+        wt = 1.0 / (sig**2 + (floor_rel / snr[ok]) ** 2)
+        widths = self.dof * np.geomspace(0.1, 2.0, 16)
+        u = (z[None, None, :] - grid[:, None, None]) / widths[None, :, None]
+        h = np.log1p(u * u)  # (F, W, N)
+        sw = wt.sum()
+        hc = h - (h * wt).sum(axis=2, keepdims=True) / sw
+        gc = g - float((g * wt).sum()) / sw
+        var = (wt * hc * hc).sum(axis=2)
+        cov = (wt * hc * gc).sum(axis=2)
+        # B = -cov / var >= 0: the fit explains cov^2 / var of the spread; else nothing
+        explained = np.where(cov < 0, cov * cov / np.maximum(var, 1e-12), 0.0)
+        rss = float((wt * gc * gc).sum()) - explained.max(axis=1)
+        # relative to the best candidate: the model's own misfit is no evidence against
+        # any of them (and no "conflict" with the spectra, see _order_conflict)
+        return rss - rss.min()
+
     def _update(self, obs: Observation) -> None:
         self._memo.clear()
 
@@ -727,18 +781,19 @@ class DeepFocusSearch(Search):
         bs = np.array([o.blur for o in self.observations])
         specs = [o.spectrum for o in self.observations]
         cost = self._cnn_cost(zs, bs, grid)
-        order = self._order_cost(
-            zs, np.array([o.gradient_sharpness for o in self.observations], dtype=float), grid
-        )
+        gs = np.array([o.gradient_sharpness for o in self.observations], dtype=float)
+        order = self._order_cost(zs, gs, grid)
+        floors = np.array([o.sharpness_floor for o in self.observations], dtype=float)
+        fit = self._sharpness_fit_cost(zs, gs, floors, grid)
         chi2, dof = self._spec_cost(zs, specs, grid)
         # the spectral chi^2 is over-dispersed when the model is imperfect: scale by its
         # minimum reduced value (>= 1) so the posterior width stays honest
         scale = 1.0
         if np.any(dof > 0):
-            i = int(np.argmin(chi2 + cost + order))
+            i = int(np.argmin(chi2 + cost + order + fit))
             scale = max(1.0, float(chi2[i] / max(dof[i], 1.0)))
-        total = cost + chi2 / scale + order
-        base = total - order  # what the spectra and the CNN alone say (see order_conflict)
+        total = cost + chi2 / scale + order + fit
+        base = cost + chi2 / scale  # what the spectra and the CNN alone say (see order_conflict)
         prior_weight = float("nan")
         if self.prior is not None and len(grid) > 1:
             log_gauss, log_flat = self._prior_parts(grid, float(grid[1] - grid[0]))
@@ -780,7 +835,19 @@ class DeepFocusSearch(Search):
             "base_at_mode": float(base[j]),
             "base_min": float(base.min()),
             "prior_weight": prior_weight,
+            "f": f,
         }
+        if fit.any():
+            # what the frames' own sharpness (order + symmetric fit) says alone
+            info["fit_cost"] = float(fit[j])
+            sharp = order + fit
+            q = np.exp(-0.5 * (sharp - sharp.min()))
+            q /= q.sum()
+            qm = float((q * grid).sum())
+            info["sharp_mode"] = float(grid[int(np.argmax(q))])
+            info["sharp_sd"] = max(
+                float(math.sqrt(max((q * (grid - qm) ** 2).sum(), 0.0))), step / math.sqrt(12)
+            )
         return f, sd, grid, p, info
 
     def _prior_parts(self, z: NDArray, step: float) -> tuple[NDArray, float | None]:
@@ -838,6 +905,9 @@ class DeepFocusSearch(Search):
             # within the window (>= 0.5 DOF either side): an order pressing the estimate
             # against the spectra's own optimum; a far mode it rules out is no conflict
             info2["order_penalty"] = info2["base_at_mode"] - info2["base_min"]
+            if self._sharpness_overrules(info2):
+                f2, sd2 = info2["sharp_mode"], info2["sharp_sd"]
+                info2["from_sharpness"] = 1.0
             # keep the wide sd when the coarse posterior is multimodal
             return f2, max(sd2, sd if sd > half / 3 else sd2), info2
         info["order_penalty"] = info["base_at_mode"] - info["base_min"]
@@ -927,17 +997,24 @@ class DeepFocusSearch(Search):
             # image by the posterior under the prior's Gaussian component (the flat one
             # only widens it with candidates the prior does not expect)
             f, sd, _ = self._refined(gaussian_prior=True)
-        # straddle the estimate: image the side of it with fewer images nearby (ties: the
-        # side opposite to the last image), so a symmetric pair cancels the specimen
+        # straddle the estimate: image the side of it with fewer images nearby, so a
+        # symmetric pair cancels the specimen. Ties: the side of the sharpest of those
+        # images (the sharpness order says the focus is nearer to it, whatever the
+        # spectra and the CNN make of the specimen), else the side opposite the last image
         delta = max(self.s.straddle_dof * self.dof, min(2 * sd, 4 * self.dof))
         zs = np.array([o.z for o in self.observations])
-        near = zs[np.abs(zs - f) <= 2.5 * delta]
+        nearby = np.abs(zs - f) <= 2.5 * delta
+        near = zs[nearby]
         above = int(np.sum(near > f + 0.1 * delta))
         below = int(np.sum(near < f - 0.1 * delta))
         if above != below:
             sign = 1.0 if above < below else -1.0
         else:
             sign = -1.0 if zs[-1] > f else 1.0
+            if self.s.tie_to_sharper:
+                sharpest = self._sharpest_side(f, zs, nearby, 0.1 * delta)
+                if sharpest:
+                    sign = sharpest
         z = f + sign * delta
         if not self.lo <= z <= self.hi:
             z = f - sign * delta
@@ -945,6 +1022,26 @@ class DeepFocusSearch(Search):
         if np.min(np.abs(zs - z)) < 0.05 * self.dof:
             z = f + sign * 0.5 * delta
         return z
+
+    def _sharpest_side(self, f: float, zs: NDArray, pick: NDArray, eps: float) -> float:
+        """+1 / -1: the side of ``f`` of the sharpest of the images ``pick`` when it is
+        sharper than every image on the other side by more than ``order_sigma`` and lies
+        more than ``eps`` from ``f``; 0 otherwise (or when the sharpness order is off)."""
+        if not self.s.use_sharpness_order:
+            return 0.0
+        gs = np.array([o.gradient_sharpness for o in self.observations], dtype=float)
+        ok = pick & np.isfinite(gs)
+        if ok.sum() < 2:
+            return 0.0
+        z, g = zs[ok], gs[ok]
+        i = int(np.argmax(g))
+        if abs(z[i] - f) <= eps:
+            return 0.0
+        side = 1.0 if z[i] > f else -1.0
+        other = g[(z - f) * side < -eps]
+        if len(other) == 0 or g[i] - other.max() <= self.s.order_sigma:
+            return 0.0
+        return side
 
     def _p_reachable(self) -> float:
         """Posterior probability that the focus lies within [lo, hi]."""
@@ -974,16 +1071,43 @@ class DeepFocusSearch(Search):
 
     def _misfit(self, info: dict[str, float]) -> bool:
         red = info.get("spec_chi2_red", float("nan"))
-        return bool(np.isfinite(red) and red > self.s.misfit_chi2) or self._order_conflict(info)
+        bad_fit = bool(np.isfinite(red) and red > self.s.misfit_chi2)
+        # spectra the calibration cannot explain are no reason to refuse an estimate that
+        # the frames' own sharpness curve locates by itself at the same place
+        if bad_fit and self._sharpness_confirms(info):
+            bad_fit = False
+        return bad_fit or self._order_conflict(info)
 
     def _order_conflict(self, info: dict[str, float]) -> bool:
         """The sharpness order and the spectra/CNN disagree at the estimate: obeying the
         order costs them more than ``order_conflict`` within half a DOF or more of it (a
         far mode that the order rules out -- an ambiguity it resolves -- is no conflict),
         or the estimate itself still violates the order by that much."""
+        return self._raw_conflict(info) and not self._sharpness_overrules(info)
+
+    def _raw_conflict(self, info: dict[str, float]) -> bool:
         return bool(
             info.get("order_penalty", 0.0) > self.s.order_conflict
             or info.get("order_cost", 0.0) > self.s.order_conflict
+        )
+
+    def _sharpness_overrules(self, info: dict[str, float]) -> bool:
+        """In a conflict, the frames' own sharpness curve (order + symmetric fit) locates
+        the focus by itself (sd <= ``converged_dof``) and the estimate lies within 2 sd of
+        it: the spectra/CNN misdescribe the specimen, the frames do not -- the estimate
+        is then the sharpness's (see :meth:`_refined_now`)."""
+        return self._raw_conflict(info) and self._sharpness_confirms(info)
+
+    def _sharpness_confirms(self, info: dict[str, float]) -> bool:
+        """The frames' own sharpness curve alone locates the focus (sd <= ``converged_dof``)
+        within 2 sd of the estimate ``info["f"]``."""
+        if "sharp_sd" not in info:
+            return False
+        tol = self.s.converged_dof * self.dof
+        return bool(
+            info["sharp_sd"] <= tol
+            and abs(info["f"] - info["sharp_mode"])
+            <= max(2 * info["sharp_sd"], self.s.grid_dof * self.dof)
         )
 
     def _images_beside(self, f: float) -> tuple[bool, bool]:
@@ -1063,6 +1187,20 @@ class DeepFocusSearch(Search):
             conv = False
         if conv:
             reason = f"posterior sd {sd:.3f} um <= {self.s.converged_dof} DOF"
+            if info.get("from_sharpness"):
+                reason += (
+                    " (the frames' own sharpness curve; their match to the calibration "
+                    f"disagreed by chi^2 {info['order_penalty']:.1f})"
+                )
+            elif (
+                self._sharpness_confirms(info)
+                and info.get("spec_chi2_red", 0.0) > self.s.misfit_chi2
+            ):
+                reason += (
+                    f" (the spectra fit the calibration poorly, reduced chi^2 "
+                    f"{info['spec_chi2_red']:.1f}, but the frames' own sharpness curve "
+                    "puts the focus at the same place)"
+                )
         elif at_edge:
             reason = (
                 f"focus estimated at {f:.2f} um, beyond the allowed range [{self.lo:.2f}, "
@@ -1120,9 +1258,9 @@ class DeepFocusSearch(Search):
         step = max(2 * half / 32, 0.01)  # coarse: the parabola below refines each patch
         grid = _grid(max(self.grid[0], f - half), min(self.grid[-1], f + half), step)
         zs = np.array([o.z for o in obs])
-        out = np.full(shape, np.nan)
-        for idx in np.ndindex(*shape):
-            bs = np.array(
+        cells = list(np.ndindex(*shape))
+        bs = np.array(
+            [
                 [
                     float(o.blur_map[idx])
                     if o.blur_map is not None
@@ -1130,25 +1268,27 @@ class DeepFocusSearch(Search):
                     else np.nan
                     for o in obs
                 ]
-            )
-            specs = [
-                o.patch_spectra[idx[0]][idx[1]] if o.patch_spectra is not None else None
-                for o in obs
+                for idx in cells
             ]
-            cost = self._cnn_cost(zs, bs, grid)
-            chi2, dof = self._spec_cost(zs, specs, grid)
-            if not np.any(dof > 0) and np.sum(np.isfinite(bs)) < 2:
+        ).reshape(len(cells), len(obs))
+        cost = self._cnn_cost_rows(zs, bs, grid)
+        chi2, dof = self._patch_spec_costs(zs, cells, grid)
+        out = np.full(shape, np.nan)
+        for p, idx in enumerate(cells):
+            if not np.any(dof[p] > 0) and np.sum(np.isfinite(bs[p])) < 2:
                 continue
-            j = int(np.argmin(chi2 + cost))
-            scale = max(1.0, float(chi2[j] / max(dof[j], 1.0))) if np.any(dof > 0) else 1.0
-            total = cost + chi2 / scale
+            j = int(np.argmin(chi2[p] + cost[p]))
+            scale = (
+                max(1.0, float(chi2[p, j] / max(dof[p, j], 1.0))) if np.any(dof[p] > 0) else 1.0
+            )
+            total = cost[p] + chi2[p] / scale
             i = int(np.argmin(total))
             if i < 2 or i > len(grid) - 3:
                 continue  # at the edge of the window: this patch does not know
-            p = np.exp(-0.5 * (total - total[i]))
-            p /= p.sum()
-            mean = float((p * grid).sum())
-            if math.sqrt(float((p * (grid - mean) ** 2).sum())) > 0.3 * self.dof:
+            w = np.exp(-0.5 * (total - total[i]))
+            w /= w.sum()
+            mean = float((w * grid).sum())
+            if math.sqrt(float((w * (grid - mean) ** 2).sum())) > 0.3 * self.dof:
                 continue  # too little information in this patch
             fi = float(grid[i])
             y0, y1, y2 = total[i - 1], total[i], total[i + 1]
@@ -1157,6 +1297,74 @@ class DeepFocusSearch(Search):
                 fi += float(np.clip(0.5 * (y0 - y2) / den, -1, 1)) * step
             out[idx] = fi
         return out
+
+    def _cnn_cost_rows(self, zs: NDArray, bs: NDArray, grid: NDArray) -> NDArray:
+        """:meth:`_cnn_cost` for every row of ``bs (P, N)`` (the patches' scores of the
+        same frames; NaN = not measured there): ``(P, F)``."""
+        P = bs.shape[0]
+        ok = np.isfinite(bs)
+        if not self.s.use_cnn or not ok.any():
+            return np.zeros((P, len(grid)))
+        lo_c, hi_c = self.cal.z_range
+        d = np.clip(zs[None, :] - grid[:, None], lo_c, hi_c)
+        pred = self.cal.b_calib(d.ravel(), clamp=True).reshape(d.shape)  # (F, N)
+        resid = np.where(ok[:, None, :], bs[:, None, :] - pred[None], 0.0)  # (P, F, N)
+        sb2, s2 = self.s.cnn_offset_sigma**2, self.s.cnn_sigma**2
+        n = ok.sum(axis=1)[:, None]
+        beta = resid.sum(axis=2) / (n + s2 / sb2)
+        r = np.where(ok[:, None, :], resid - beta[..., None], 0.0)
+        return (r**2).sum(axis=2) / s2 + beta**2 / sb2
+
+    def _patch_spec_costs(
+        self, zs: NDArray, cells: list[tuple[int, ...]], grid: NDArray
+    ) -> tuple[NDArray, NDArray]:
+        """:meth:`_spec_cost` of every patch ``cells`` of the frames, batched: patches
+        with spectra in the same frames share one solve (in chunks of bounded size)."""
+        obs = self.observations
+        F = len(grid)
+        chi2 = np.zeros((len(cells), F))
+        dof = np.zeros((len(cells), F))
+        if not self.s.use_spectra:
+            return chi2, dof
+
+        def spectrum(o: Observation, idx: tuple[int, ...]) -> Spectrum | None:
+            return o.patch_spectra[idx[0]][idx[1]] if o.patch_spectra is not None else None
+
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for p, idx in enumerate(cells):
+            use = tuple(i for i, o in enumerate(obs) if spectrum(o, idx) is not None)
+            if len(use) >= 2:
+                groups.setdefault(use, []).append(p)
+        chunk = max(1, 4096 // F)
+        for use, members in groups.items():
+            T, WT, Tub = self._table(zs[list(use)], grid)
+            for k in range(0, len(members), chunk):
+                part = members[k : k + chunk]
+                arrays = [
+                    _spectra_arrays([spectrum(obs[i], cells[p]) for i in use])  # type: ignore[misc]
+                    for p in part
+                ]
+                L, W, Lub, present = (
+                    np.repeat(np.stack([a[j] for a in arrays]), F, axis=0) for j in range(4)
+                )
+                reps = (len(part), 1, 1)
+                c2, d2 = self._spec_chi2(
+                    L, W, Lub, present, np.tile(T, reps), np.tile(WT, reps), np.tile(Tub, reps)
+                )
+                chi2[part] = c2.reshape(len(part), F)
+                dof[part] = d2.reshape(len(part), F)
+        return chi2, dof
+
+
+def _spectra_arrays(specs: list[Spectrum]) -> tuple[NDArray, NDArray, NDArray, NDArray]:
+    """Frames' spectra as ``(N, K)`` arrays: log signal (NaN = undetected), its weight,
+    the detection limit and where the bin holds any frequency."""
+    obs = [s.log_signal() for s in specs]
+    L = np.stack([o[0] for o in obs])
+    W = np.stack([o[1] for o in obs])
+    Lub = np.array([s.detection_limit() for s in specs])[:, None] + 0 * L
+    present = np.stack([s.counts > 0 for s in specs])
+    return L, W, Lub, present
 
 
 def _check_prior(prior: Any) -> tuple[float, float] | None:
@@ -1191,37 +1399,44 @@ def _banded_solve(a0: NDArray, a1: NDArray, a2: NDArray, b: NDArray) -> NDArray:
     off-diagonals, ``b (F, K, R)`` right-hand sides; banded Cholesky, O(F K R).
     """
     F, K = a0.shape
-    d = np.empty((F, K))
-    e = np.zeros((F, K))
-    f = np.zeros((F, K))
+    # work on (K, F) rows: each step below is then a contiguous vector operation
+    A0, A1, A2 = (np.ascontiguousarray(a.T) for a in (a0, a1, a2))
+    B = np.ascontiguousarray(np.moveaxis(b, 1, 0))  # (K, F, R)
+    d = np.empty((K, F))
+    e = np.zeros((K, F))
+    f = np.zeros((K, F))
     for k in range(K):
-        v = (
-            a0[:, k]
-            - (e[:, k - 1] ** 2 if k >= 1 else 0.0)
-            - (f[:, k - 2] ** 2 if k >= 2 else 0.0)
-        )
-        d[:, k] = np.sqrt(np.maximum(v, 1e-12))
-        if k + 1 < K:
-            e[:, k] = (a1[:, k] - (f[:, k - 1] * e[:, k - 1] if k >= 1 else 0.0)) / d[:, k]
-        if k + 2 < K:
-            f[:, k] = a2[:, k] / d[:, k]
-    y = np.empty_like(b)
-    for k in range(K):
-        v = b[:, k].copy()
+        v = A0[k].copy()
         if k >= 1:
-            v -= e[:, k - 1, None] * y[:, k - 1]
+            v -= e[k - 1] ** 2
         if k >= 2:
-            v -= f[:, k - 2, None] * y[:, k - 2]
-        y[:, k] = v / d[:, k, None]
-    x = np.empty_like(b)
-    for k in range(K - 1, -1, -1):
-        v = y[:, k].copy()
+            v -= f[k - 2] ** 2
+        dk = np.sqrt(np.maximum(v, 1e-12))
+        d[k] = dk
         if k + 1 < K:
-            v -= e[:, k, None] * x[:, k + 1]
+            e[k] = (A1[k] - f[k - 1] * e[k - 1] if k >= 1 else A1[k]) / dk
         if k + 2 < K:
-            v -= f[:, k, None] * x[:, k + 2]
-        x[:, k] = v / d[:, k, None]
-    return x
+            f[k] = A2[k] / dk
+    inv = (1.0 / d)[:, :, None]
+    y = np.empty_like(B)
+    for k in range(K):
+        v = B[k].copy()
+        if k >= 1:
+            v -= e[k - 1, :, None] * y[k - 1]
+        if k >= 2:
+            v -= f[k - 2, :, None] * y[k - 2]
+        v *= inv[k]
+        y[k] = v
+    x = np.empty_like(B)
+    for k in range(K - 1, -1, -1):
+        v = y[k].copy()
+        if k + 1 < K:
+            v -= e[k, :, None] * x[k + 1]
+        if k + 2 < K:
+            v -= f[k, :, None] * x[k + 2]
+        v *= inv[k]
+        x[k] = v
+    return np.moveaxis(x, 0, 1)
 
 
 def _solve_two_way(w: NDArray, y: NDArray, P: NDArray, pd: float) -> tuple[NDArray, NDArray]:

@@ -282,6 +282,39 @@ def test_gradient_sharpness_ignores_exposure():
     assert np.isnan(gradient_sharpness(np.zeros((64, 64))))
 
 
+def test_gradient_sharpness_floor_is_that_of_a_noise_frame():
+    from bluesky_deepfocus.metrics import gradient_sharpness, gradient_sharpness_floor
+    from bluesky_deepfocus.spectral import frame_spectrum
+
+    rng = np.random.default_rng(2)
+    img = 800.0 + rng.normal(0.0, 15.0, (512, 512))
+    floor = gradient_sharpness_floor(float(img.mean()), frame_spectrum(img).noise)
+    assert abs(gradient_sharpness(img) - floor) < 0.03
+    assert np.isnan(gradient_sharpness_floor(0.0, 1.0))
+    assert np.isnan(gradient_sharpness_floor(100.0, float("nan")))
+
+
+@pytest.mark.parametrize("shape", [(512, 512), (37, 64), (1, 9), (2, 2)])
+def test_gradient_sharpness_is_the_sobel_energy_of_the_frame(shape):
+    """The sliced Sobel pair equals ``ndimage.sobel`` with edge replication, to float32
+    rounding, on frames of any shape (incl. single rows) and dtype."""
+    from scipy import ndimage
+
+    from bluesky_deepfocus.metrics import gradient_sharpness
+
+    rng = np.random.default_rng(1)
+    raw = (rng.random(shape) * 4000).astype(np.uint16)
+    smooth = ndimage.gaussian_filter(raw.astype(np.float32), 2.0) + 50.0
+    for img in (raw, smooth):
+        f = img.astype(np.float32)
+        gx = ndimage.sobel(f, axis=1, mode="nearest")
+        gy = ndimage.sobel(f, axis=0, mode="nearest")
+        want = np.log(
+            np.mean(gx * gx + gy * gy, dtype=np.float64) / np.mean(f, dtype=np.float64) ** 2
+        )
+        assert gradient_sharpness(img) == pytest.approx(float(want), abs=1e-6)
+
+
 @pytest.mark.parametrize("family", ["smooth", "sparse_nuclei"])
 def test_sharpness_benchmark_finds_the_order_specimen_free(family):
     """bench_sharpness on a small stack: no frame sharper than a nearer one (violation

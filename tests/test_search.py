@@ -317,3 +317,112 @@ def test_a_cnn_only_estimate_needs_images_on_both_sides():
     assert "only the CNN" in sure.reason
     both = _cnn_only([8.0, 12.0, -7.0, 0.2])
     assert both.converged and abs(both.z_focus) < 0.5, both
+
+
+def _tilted_observations(zs, rng):
+    """Frames of a 3 x 3-patch field tilted by 0.6 DOF across it (patch focus
+    ``syn.DOF * 0.3 * (col - 1) + 0.1 * DOF * (row - 1)`` about 20 um), each patch with
+    its own specimen (spectral slope, CNN offset), a few patches missing a spectrum in
+    one frame and one patch's CNN score unconfident in one frame."""
+    focus = 20.0 + syn.DOF * (
+        0.3 * (np.arange(3)[None, :] - 1) + 0.1 * (np.arange(3)[:, None] - 1)
+    )
+    slopes = rng.uniform(1.5, 3.0, (3, 3))
+    offsets = rng.normal(0.0, 0.2, (3, 3))
+    obs = []
+    for n, z in enumerate(zs):
+        blur = np.array(
+            [[syn.blur_score(z - focus[i, j], offsets[i, j]) for j in range(3)] for i in range(3)]
+        )
+        conf = np.ones((3, 3))
+        specs = [
+            [syn.spectrum(z - focus[i, j], slope=slopes[i, j], rng=rng) for j in range(3)]
+            for i in range(3)
+        ]
+        if n == 1:
+            specs[0][2] = None  # e.g. a saturated patch in this frame
+            conf[2, 0] = 0.1
+        o = syn.observe(z, 20.0, rng=rng)
+        o.blur_map, o.confidence, o.patch_spectra = blur, conf, specs
+        obs.append(o)
+    return obs, focus
+
+
+def test_the_focus_map_batches_patches_exactly_and_recovers_a_tilt(cal):
+    """The per-patch focus map solves all patches at once (patches grouped by which frames
+    have a spectrum there): every patch's costs equal the frame-level costs computed for
+    that patch alone, and the map recovers the tilt."""
+    rng = np.random.default_rng(3)
+    zs = [0.0, 14.0, 24.0, 19.0, 21.5]
+    obs, focus = _tilted_observations(zs, rng)
+    s = DeepFocusSearch(cal, start=0.0, lo=-150, hi=150, max_images=8)
+    for o in obs:
+        s.tell(o)
+    grid = np.linspace(5.0, 35.0, 33)
+    z = np.array(zs)
+    cells = list(np.ndindex(3, 3))
+    bs = np.array(
+        [[o.blur_map[c] if o.confidence[c] >= 0.5 else np.nan for o in obs] for c in cells]
+    )
+    rows = s._cnn_cost_rows(z, bs, grid)
+    chi2, dof = s._patch_spec_costs(z, cells, grid)
+    for p, c in enumerate(cells):
+        np.testing.assert_allclose(rows[p], s._cnn_cost(z, bs[p], grid), rtol=1e-9, atol=1e-9)
+        one_chi2, one_dof = s._spec_cost(z, [o.patch_spectra[c[0]][c[1]] for o in obs], grid)
+        np.testing.assert_allclose(chi2[p], one_chi2, rtol=1e-9, atol=1e-9)
+        np.testing.assert_array_equal(dof[p], one_dof)
+    assert np.any(dof > 0)
+    fmap = s.result().focus_map
+    assert fmap is not None and np.isfinite(fmap).all()
+    assert np.abs(fmap - focus).max() < 0.1 * syn.DOF, fmap - focus
+
+
+def test_the_specimens_own_sharpness_curve_locates_focus_the_calibration_misses():
+    """Frames on both sides of focus whose CNN scores and spectra say focus is 18 um off
+    (a specimen the calibration misdescribes): the sharpness order alone only bounds the
+    focus and the search refuses; the fit of the frames' own symmetric sharpness curve
+    locates it, and the estimate is then the sharpness's."""
+    zs = [-20.0, 12.0, -6.0, 5.0, 1.0]
+    order_only = _misleading(18.0, 0.0, zs, sharpness_fit_sigma=0.0)
+    assert not order_only.converged and abs(order_only.z_focus) > 1.0, order_only  # the trap
+    fit = _misleading(18.0, 0.0, zs, sharpness_fit_sigma=0.1)
+    assert fit.converged, fit
+    assert abs(fit.z_focus) < 0.03 * syn.DOF, fit
+    assert fit.details.get("from_sharpness") == 1.0
+    assert "own sharpness curve" in fit.reason
+
+
+def test_the_sharpness_fit_leaves_out_frames_at_the_noise_floor(cal):
+    """Frames whose gradient energy is (almost) all camera noise carry no shape: with
+    fewer than 4 frames above ``floor_rel`` of the floor the fit adds nothing; frames
+    with a known floor are fitted on their signal part."""
+    s = DeepFocusSearch(
+        cal, start=0.0, lo=-150, hi=150, settings=DeepFocusSettings(sharpness_fit_sigma=0.1)
+    )
+    grid = np.linspace(-40.0, 40.0, 161)
+    zs = np.array([-30.0, -8.0, 3.0, 9.0, 60.0])
+    signal = np.array([syn.gradient_sharpness(z, 2.0) for z in zs])
+    floor = float(signal.min()) + 0.5
+    gs = np.logaddexp(signal, floor)  # the frame's energy: signal + noise floor
+    cost = s._sharpness_fit_cost(zs, gs, np.full(5, floor), grid)
+    assert cost.min() == 0.0 and abs(grid[np.argmin(cost)] - 2.0) <= 0.5, grid[np.argmin(cost)]
+    # the same frames with the floor raised above all but three of them: nothing
+    high = float(np.sort(gs)[-3]) - 0.01
+    assert not s._sharpness_fit_cost(zs, np.maximum(gs, high), np.full(5, high), grid).any()
+    # off by setting
+    off = DeepFocusSearch(
+        cal, start=0.0, lo=-150, hi=150, settings=DeepFocusSettings(sharpness_fit_sigma=0.0)
+    )
+    assert not off._sharpness_fit_cost(zs, gs, np.full(5, floor), grid).any()
+
+
+def test_straddle_ties_go_to_the_side_of_the_sharper_image(cal):
+    s = DeepFocusSearch(cal, start=0.0, lo=-150, hi=150)
+    for z, g in ((0.0, -4.0), (16.0, -3.7)):
+        s.tell(Observation(z=z, gradient_sharpness=g))
+    zs = np.array([0.0, 16.0])
+    pick = np.array([True, True])
+    assert s._sharpest_side(9.0, zs, pick, 0.5) == 1.0
+    assert s._sharpest_side(20.0, zs, pick, 0.5) == 0.0  # both below: no side to tell
+    s.observations[1].gradient_sharpness = -4.0 + 0.5 * s.s.order_sigma  # within the noise
+    assert s._sharpest_side(9.0, zs, pick, 0.5) == 0.0
