@@ -44,6 +44,7 @@ import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Generator
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -652,10 +653,7 @@ class DeepFocusSearch(Search):
         lbB = np.where(ov & ~tv, np.nan_to_num(L - Tub), -np.inf)
         ubC = np.where(~np.isfinite(L) & present & tv, np.nan_to_num(Lub - T), np.inf)
         # smoothness of c over log-frequency bins (second differences) + weak ridge
-        D2 = np.diff(np.eye(K), 2, axis=0)
-        D1 = np.diff(np.eye(K), 1, axis=0)
-        Pc = self.s.spec_curvature * D2.T @ D2 + self.s.spec_slope * D1.T @ D1
-        P = Pc + 1e-4 * np.eye(K)
+        Pc, P = _smoothness(K, self.s.spec_curvature, self.s.spec_slope)
         pd = 1.0 / self.s.exposure_sigma**2
         # unbounded fit, then a refit with the violated bounds active (an active set of
         # one step), only for the candidates where some bound is violated
@@ -675,9 +673,10 @@ class DeepFocusSearch(Search):
             m = c[:, None, :] + d[:, :, None]
         r = yA - m
         chi2 = (wA * r * r).sum(axis=(1, 2))
-        chi2 += (wH * np.maximum(np.nan_to_num(lbB - m, neginf=0.0), 0) ** 2).sum(axis=(1, 2))
-        chi2 += (wH * np.maximum(np.nan_to_num(m - ubC, neginf=0.0), 0) ** 2).sum(axis=(1, 2))
-        chi2 += pd * (d * d).sum(axis=1) + np.einsum("fk,kl,fl->f", c, Pc, c)
+        # (inactive bounds are -inf / +inf: no cost)
+        chi2 += (wH * np.maximum(lbB - m, 0.0) ** 2).sum(axis=(1, 2))
+        chi2 += (wH * np.maximum(m - ubC, 0.0) ** 2).sum(axis=(1, 2))
+        chi2 += pd * (d * d).sum(axis=1) + ((c @ Pc) * c).sum(axis=1)
         n_a = (wA > 0).sum(axis=(1, 2))
         dof = np.maximum(n_a - np.minimum(n_a, K // 3) - (N - 1), 1).astype(float)
         return chi2, dof
@@ -1439,6 +1438,19 @@ def _banded_solve(a0: NDArray, a1: NDArray, a2: NDArray, b: NDArray) -> NDArray:
     return np.moveaxis(x, 0, 1)
 
 
+@lru_cache(maxsize=8)
+def _smoothness(K: int, curvature: float, slope: float) -> tuple[NDArray, NDArray]:
+    """The spectral ratio's smoothness penalty ``Pc`` over ``K`` bins and ``Pc`` plus a
+    weak ridge (read-only; cached: every posterior evaluation uses the same)."""
+    D2 = np.diff(np.eye(K), 2, axis=0)
+    D1 = np.diff(np.eye(K), 1, axis=0)
+    Pc = curvature * D2.T @ D2 + slope * D1.T @ D1
+    P = Pc + 1e-4 * np.eye(K)
+    Pc.setflags(write=False)
+    P.setflags(write=False)
+    return Pc, P
+
+
 def _solve_two_way(w: NDArray, y: NDArray, P: NDArray, pd: float) -> tuple[NDArray, NDArray]:
     """Minimize sum w (y - c_k - d_i)^2 + c'Pc + pd |d|^2 for every candidate (batched).
 
@@ -1455,11 +1467,12 @@ def _solve_two_way(w: NDArray, y: NDArray, P: NDArray, pd: float) -> tuple[NDArr
     Wt = np.transpose(w, (0, 2, 1))  # (F, K, N)
     sol = _banded_solve(a0, a1, a2, np.concatenate([bc[:, :, None], Wt], axis=2))
     m_bc, m_wt = sol[:, :, 0], sol[:, :, 1:]  # M^-1 bc, M^-1 W'
-    S = np.einsum("fik,fkj->fij", w, m_wt)  # W M^-1 W'
-    A = np.einsum("fi,ij->fij", w.sum(axis=2) + pd, np.eye(N)) - S
-    rhs = (w * y).sum(axis=2) - np.einsum("fik,fk->fi", w, m_bc)
+    A = -(w @ m_wt)  # -W M^-1 W'
+    idx = np.arange(N)
+    A[:, idx, idx] += w.sum(axis=2) + pd
+    rhs = (w * y).sum(axis=2) - (w @ m_bc[..., None])[..., 0]
     d = np.linalg.solve(A, rhs[..., None])[..., 0]
-    c = m_bc - np.einsum("fkn,fn->fk", m_wt, d)
+    c = m_bc - (m_wt @ d[..., None])[..., 0]
     return c, d
 
 
