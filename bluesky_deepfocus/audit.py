@@ -17,6 +17,7 @@ Examples
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any
@@ -183,6 +184,17 @@ def _nan(value: Any) -> float:
         return math.nan
 
 
+def _read(run: Any, stream: str) -> Any:
+    """``run[stream].read()`` without the TiledWriter's square-array warning: it names equal
+    sizes alike, so a 4 x 4 blur map is stored with dims ``(time, dim_int_1, dim_int_1)``
+    and xarray warns about the duplicate name on every read (the values are unaffected)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="Duplicate dimension names", category=UserWarning
+        )
+        return run[stream].read()
+
+
 def _result_from_stream(catalog: Any, uid: str) -> dict[str, Any] | None:
     """The decision read from the run's result stream (slow path), or None."""
     from .storage import summary_from_result
@@ -191,7 +203,7 @@ def _result_from_stream(catalog: Any, uid: str) -> dict[str, Any] | None:
         run = catalog[uid]
         if RESULT_STREAM not in run:
             return None
-        ds = run[RESULT_STREAM].read()
+        ds = _read(run, RESULT_STREAM)
     except (KeyError, ValueError):
         return None
     if ds.sizes.get("time", 0) == 0:
@@ -370,12 +382,12 @@ def plot_autofocus_run(run: Any, calibration: Any = None, ax: Axes | None = None
     from .storage import summary_from_result
 
     ax = _new_axes(ax)
-    ds = run[SCORES_STREAM].read()
+    ds = _read(run, SCORES_STREAM)
     z = _stream_column(ds, "z")
     blur = _stream_column(ds, "blur")
     summary = dict(run.metadata.get(SUMMARY_KEY) or {})
     if not summary and RESULT_STREAM in run:
-        res = run[RESULT_STREAM].read()
+        res = _read(run, RESULT_STREAM)
         if res.sizes.get("time", 0):
             summary = summary_from_result({k: res[k].values[-1] for k in res.data_vars})
     final_z = _nan(summary.get("final_z"))

@@ -162,3 +162,26 @@ def test_empty_history_plots_a_note(tmp_path):
     ax = plot_focus_trajectory(df)
     assert ax.texts[0].get_text() == "no autofocus runs"
     close_catalog(catalog)
+
+
+def test_reading_a_stream_hides_only_the_square_array_dims_warning():
+    """The TiledWriter names equal array sizes alike, so a square blur map reads back with
+    a duplicate-dimension warning from xarray on every read: hidden; others pass."""
+    import warnings
+
+    from bluesky_deepfocus.audit import _read
+
+    class Stream:
+        def __init__(self, message):
+            self.message = message
+
+        def read(self):
+            warnings.warn(self.message, UserWarning, stacklevel=1)
+            return "dataset"
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run = {"scores": Stream("Duplicate dimension names present: dimensions {'dim_int_1'}")}
+        assert _read(run, "scores") == "dataset"
+        with pytest.raises(UserWarning, match="something else"):
+            _read({"scores": Stream("something else")}, "scores")
