@@ -1068,13 +1068,15 @@ class DeepFocusSearch(Search):
         z = self.clip(z)
         return z if self._nearest(z) > 0.05 * self.dof else None
 
-    def _misfit(self, info: dict[str, float]) -> bool:
+    def _spectra_misfit(self, info: dict[str, float]) -> bool:
+        """The frames' spectra fit the calibration table badly at the estimate."""
         red = info.get("spec_chi2_red", float("nan"))
-        bad_fit = bool(np.isfinite(red) and red > self.s.misfit_chi2)
+        return bool(np.isfinite(red) and red > self.s.misfit_chi2)
+
+    def _misfit(self, info: dict[str, float]) -> bool:
         # spectra the calibration cannot explain are no reason to refuse an estimate that
         # the frames' own sharpness curve locates by itself at the same place
-        if bad_fit and self._sharpness_confirms(info):
-            bad_fit = False
+        bad_fit = self._spectra_misfit(info) and not self._sharpness_confirms(info)
         return bad_fit or self._order_conflict(info)
 
     def _order_conflict(self, info: dict[str, float]) -> bool:
@@ -1191,10 +1193,7 @@ class DeepFocusSearch(Search):
                     " (the frames' own sharpness curve; their match to the calibration "
                     f"disagreed by chi^2 {info['order_penalty']:.1f})"
                 )
-            elif (
-                self._sharpness_confirms(info)
-                and info.get("spec_chi2_red", 0.0) > self.s.misfit_chi2
-            ):
+            elif self._spectra_misfit(info):  # converged: so the sharpness confirmed it
                 reason += (
                     f" (the spectra fit the calibration poorly, reduced chi^2 "
                     f"{info['spec_chi2_red']:.1f}, but the frames' own sharpness curve "

@@ -521,6 +521,29 @@ def _timelapse(bench: Bench, cal: Any, scorer: Any) -> dict[str, Any]:
     }
 
 
+_MISSING = object()
+
+
+def _standard_run(
+    bench: Bench, cam: Any, foc: Any, sim: Any, cal: Any, scorer: Any, *, seed: int
+) -> Trial:
+    """The timing cells' autofocus: tissue, focus 20 um from the start, exactly 5 images."""
+    return bench.autofocus(
+        cam,
+        foc,
+        sim,
+        cal,
+        scorer,
+        strategy="deepfocus",
+        start_z=0.0,
+        true_focus=20.0,
+        budget=(5, 5),
+        max_travel=100.0,
+        family="tissue",
+        seed=seed,
+    )
+
+
 def _overhead(bench: Bench, cal: Any, scorer: Any, repeats: int = 6) -> dict[str, Any]:
     """Per-image time of the plan minus the work it waits for, timed inside the same runs.
 
@@ -535,7 +558,8 @@ def _overhead(bench: Bench, cal: Any, scorer: Any, repeats: int = 6) -> dict[str
     from ..plans import _autofocus as plan_module
 
     _, cam, foc, sim = bench.microscope("10x/0.3", "tissue", 51)
-    spent = {"snap": 0.0, "move": 0.0, "cnn": 0.0, "spectra": 0.0}
+    # seconds per piece; "search" (ask / tell / result) is part of the overhead, reported apart
+    spent = dict.fromkeys(("snap", "move", "cnn", "spectra", "search"), 0.0)
 
     def timed(key: str, fn: Any) -> Any:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -549,22 +573,12 @@ def _overhead(bench: Bench, cal: Any, scorer: Any, repeats: int = 6) -> dict[str
 
     core = cam._core
     start_motion = foc._start_motion
-    searching = {"search": 0.0}  # part of the overhead, reported apart
     make_search = plan_module.make_search
 
     def timed_search(*args: Any, **kwargs: Any) -> Any:
         search = make_search(*args, **kwargs)
         for name in ("ask", "tell", "result"):
-            fn = getattr(search, name)
-
-            def wrapper(*a: Any, _fn: Any = fn, **k: Any) -> Any:
-                t = time.perf_counter()
-                try:
-                    return _fn(*a, **k)
-                finally:
-                    searching["search"] += time.perf_counter() - t
-
-            setattr(search, name, wrapper)
+            setattr(search, name, timed("search", getattr(search, name)))
         return search
 
     def timed_motion(target: float) -> Any:
@@ -587,23 +601,9 @@ def _overhead(bench: Bench, cal: Any, scorer: Any, repeats: int = 6) -> dict[str
             setattr(obj, name, fn)
         for rep in range(repeats + 1):
             foc.move(0.0).wait(10)
-            res = bench.autofocus(
-                cam,
-                foc,
-                sim,
-                cal,
-                scorer,
-                strategy="deepfocus",
-                start_z=0.0,
-                true_focus=20.0,
-                budget=(5, 5),
-                max_travel=100.0,
-                family="tissue",
-                seed=51,
-            )
+            res = _standard_run(bench, cam, foc, sim, cal, scorer, seed=51)
             if rep == 0:  # the first run warms caches: not timed
                 spent.update(dict.fromkeys(spent, 0.0))
-                searching["search"] = 0.0
                 continue
             t_plan += res.seconds  # the RunEngine call alone (not the harness's bookkeeping)
             n_img += res.images
@@ -613,20 +613,18 @@ def _overhead(bench: Bench, cal: Any, scorer: Any, repeats: int = 6) -> dict[str
                 delattr(obj, name)
             else:
                 setattr(obj, name, old)
+    search = spent.pop("search")
     work = sum(spent.values())
     return {
         "plan_s_per_image": t_plan / n_img,
         "work_s_per_image": work / n_img,
         "work_ms_per_image": {k: 1000 * v / n_img for k, v in spent.items()},
         "overhead_ms_per_image": 1000 * (t_plan - work) / n_img,
-        "search_ms_per_image": 1000 * searching["search"] / n_img,
+        "search_ms_per_image": 1000 * search / n_img,
         "images": n_img,
         "note": "timed inside the same runs; overhead includes the search's posterior "
         "updates (numpy), documents and the device threads",
     }
-
-
-_MISSING = object()
 
 
 def _storage_cost(bench: Bench, cal: Any, scorer: Any, repeats: int = 5) -> dict[str, Any]:
@@ -640,21 +638,7 @@ def _storage_cost(bench: Bench, cal: Any, scorer: Any, repeats: int = 5) -> dict
     _, cam, foc, sim = bench.microscope("10x/0.3", "tissue", 61)
 
     def one() -> float:
-        t = bench.autofocus(
-            cam,
-            foc,
-            sim,
-            cal,
-            scorer,
-            strategy="deepfocus",
-            start_z=0.0,
-            true_focus=20.0,
-            budget=(5, 5),
-            max_travel=100.0,
-            family="tissue",
-            seed=61,
-        )
-        return t.seconds
+        return _standard_run(bench, cam, foc, sim, cal, scorer, seed=61).seconds
 
     one()  # warm caches
     bare = [one() for _ in range(repeats)]
