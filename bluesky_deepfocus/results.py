@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,6 +30,10 @@ class AutofocusResult(AutofocusSummary):
         Per-patch absolute focus positions (um), NaN where a patch held no information.
     sigma_um
         Posterior spread of the estimate (um).
+    detail_z
+        Where the whole frame -- its detail -- is in focus (absolute um; NaN when nothing
+        was estimated). The estimate itself unless ``DeepFocusSettings(focus_at="centre")``
+        moved it to the centre of a tilted field.
     """
 
     run_uid: str = ""
@@ -37,6 +42,7 @@ class AutofocusResult(AutofocusSummary):
     blur_measured: tuple[float, ...] = ()
     focus_map: NDArray[np.float64] | None = field(default=None, compare=False)
     sigma_um: float = float("nan")
+    detail_z: float = float("nan")
 
     def summary(self) -> AutofocusSummary:
         return AutofocusSummary.from_dict(self.as_dict())
@@ -51,13 +57,32 @@ class AutofocusResult(AutofocusSummary):
 
 
 def fit_focus_plane(
-    focus_map: NDArray[np.float64], patch_size: int, pixel_size_um: float
+    focus_map: NDArray[np.float64],
+    patch_size: int,
+    pixel_size_um: float,
+    *,
+    inlier_tol: float | None = None,
 ) -> tuple[float, float, float]:
     """Robust least-squares plane ``z = z0 + sx * x + sy * y`` through a per-patch focus map.
 
     ``x, y`` in um from the map centre (x along columns); returns ``(z0, sx, sy)`` (slopes in
     um/um). Patches more than 3.5 MADs off the plane are dropped and the plane refitted.
+    With ``inlier_tol`` (um) the fit starts from the plane through three patches that the
+    most patches lie within ``inlier_tol`` of (every triple; a consensus start that a few
+    wild patches cannot pull, where a least-squares start can be pulled too far for the
+    MAD rule to recover).
     """
+    coef, _keep, _x, _y, _z = _fit_plane(focus_map, patch_size, pixel_size_um, inlier_tol)
+    return float(coef[0]), float(coef[1]), float(coef[2])
+
+
+def _fit_plane(
+    focus_map: NDArray[np.float64],
+    patch_size: int,
+    pixel_size_um: float,
+    inlier_tol: float | None,
+) -> tuple[NDArray, NDArray, NDArray, NDArray, NDArray]:
+    """:func:`fit_focus_plane`'s fit: ``(coef, keep, x, y, z)`` over the finite patches."""
     fm = np.asarray(focus_map, dtype=float)
     rows, cols = fm.shape
     yy, xx = np.mgrid[0:rows, 0:cols].astype(float)
@@ -70,6 +95,8 @@ def fit_focus_plane(
         )
     x, y, z = xx[ok], yy[ok], fm[ok]
     keep = np.ones(len(z), bool)
+    if inlier_tol is not None and len(z) > 3:
+        keep = _consensus(x, y, z, float(inlier_tol))
     coef = np.zeros(3)
     for _ in range(4):  # robust: drop patches far off the plane (3.5 x the MAD), refit
         A = np.column_stack([np.ones(keep.sum()), x[keep], y[keep]])
@@ -80,4 +107,27 @@ def fit_focus_plane(
         if new_keep.sum() < 3 or np.array_equal(new_keep, keep):
             break
         keep = new_keep
-    return float(coef[0]), float(coef[1]), float(coef[2])
+    return coef, keep, x, y, z
+
+
+def _consensus(x: NDArray, y: NDArray, z: NDArray, tol: float) -> NDArray:
+    """The patches within ``tol`` of the plane through three patches that the most patches
+    lie within ``tol`` of (ties: the smallest summed distance), over every triple (a fixed
+    sample of 4000 for large maps)."""
+    n = len(z)
+    tri = np.array(list(itertools.combinations(range(n), 3)))
+    if len(tri) > 4000:
+        tri = tri[np.random.default_rng(0).choice(len(tri), 4000, replace=False)]
+    A = np.stack([np.ones(tri.shape), x[tri], y[tri]], axis=-1)  # (T, 3, 3)
+    det = np.linalg.det(A)
+    scale = max(float(np.ptp(x)) * float(np.ptp(y)), 1e-12)
+    tri, A = tri[np.abs(det) > 1e-6 * scale], A[np.abs(det) > 1e-6 * scale]
+    if len(tri) == 0:
+        return np.ones(n, bool)
+    coef = np.linalg.solve(A, z[tri][..., None])[..., 0]  # (T, 3)
+    r = np.abs(z[None, :] - (coef[:, :1] + coef[:, 1:2] * x[None, :] + coef[:, 2:] * y[None, :]))
+    inl = r <= tol
+    count = inl.sum(axis=1)
+    spread = np.where(inl, r, 0.0).sum(axis=1)
+    best = int(np.lexsort((spread, -count))[0])
+    return inl[best]

@@ -497,6 +497,11 @@ class PaperSearch(Search):
 # ======================================================================================
 # Ours: posterior from specimen-cancelling spectra + CNN scores with a free offset
 # ======================================================================================
+# a per-patch focus map's plane is fitted from the consensus of the patches within this
+# many DOF of it (fit_focus_plane's inlier_tol): the field-centre focus, the tilt benchmark
+PLANE_INLIER_DOF = 0.2
+
+
 @dataclass(frozen=True)
 class DeepFocusSettings:
     """Tuning of :class:`DeepFocusSearch` (recorded in the run's metadata)."""
@@ -540,6 +545,21 @@ class DeepFocusSettings:
     sharpness_fit_sigma: float = 0.05
     # straddle ties: image the side of the sharpest image (else opposite the last one)
     tie_to_sharper: bool = True
+    # where to focus a tilted field: "detail" -- where the image's detail is (the whole
+    # frame's estimate); "centre" -- the field centre, the value at the centre of the plane
+    # fitted to the per-patch focus map, when that plane tilts by >= centre_tilt_dof DOF
+    # across the field (tiles of a scan are placed by their centres)
+    focus_at: str = "detail"
+    centre_tilt_dof: float = 0.3
+    coarse_candidates: int = 400  # of the coarse posterior grid over the whole range
+    centre_sd_dof: float = 0.04  # largest standard error of the plane's centre value (DOF)
+
+    def __post_init__(self) -> None:
+        if self.focus_at not in ("detail", "centre"):
+            raise ValueError(
+                f"focus_at={self.focus_at!r}: use 'detail' (where the image's detail is) or "
+                "'centre' (the field centre, from the focus map's plane)."
+            )
 
 
 class DeepFocusSearch(Search):
@@ -586,8 +606,8 @@ class DeepFocusSearch(Search):
         # instead of as a confident wrong answer inside the bounds. A prior never narrows
         # them: it only weights the posterior (_prior_parts), so images can overrule it.
         glo, ghi = self.lo - max(hi_c, 0.0), self.hi + max(-lo_c, 0.0)
-        # a coarse grid (<= 400 candidates) locates the basin; _refined() zooms in
-        self.grid = _grid(glo, ghi, max(step, (ghi - glo) / 400))
+        # a coarse grid (<= coarse_candidates) locates the basin; _refined() zooms in
+        self.grid = _grid(glo, ghi, max(step, (ghi - glo) / self.s.coarse_candidates))
         # posteriors of the current observations (cleared by tell): ask() and result()
         # evaluate the same ones several times
         self._memo: dict[Any, Any] = {}
@@ -1224,6 +1244,16 @@ class DeepFocusSearch(Search):
         else:
             reason = f"posterior sd {sd:.3f} um too wide"
         fmap = self._focus_map(f, sd)
+        if conv and self.s.focus_at == "centre" and fmap is not None:
+            centre = self._field_centre(f, fmap, info)
+            if centre is not None:
+                reason += (
+                    f"; focused at the field centre {centre:.2f} um (the field tilts by "
+                    f"{info['tilt_um_across_field']:.2f} um across; its detail is in focus at "
+                    f"{f:.2f} um)"
+                )
+                info["detail_focus"] = f
+                f = centre
         return SearchResult(
             z_focus=f,
             dz=f - self.start,
@@ -1236,6 +1266,50 @@ class DeepFocusSearch(Search):
             focus_map=fmap,
             details=info,
         )
+
+    def _field_centre(self, f: float, fmap: NDArray, info: dict[str, float]) -> float | None:
+        """The focus at the field centre from the robust plane through ``fmap``, or None
+        when the plane is not trusted or hardly tilted.
+
+        The plane (slopes in um per patch): :func:`.results.fit_focus_plane` from the
+        consensus of patches within ``PLANE_INLIER_DOF`` (0.2) DOF. Trusted with >= 5
+        patches on it, a standard error of its centre value (from the patches' robust
+        scatter about it) <= ``centre_sd_dof`` DOF, a tilt of >= ``centre_tilt_dof`` DOF
+        across the field, and the detail's focus ``f`` within the focus range the plane
+        spans over those patches (else the map and the whole frame disagree: keep ``f``).
+        Writes ``field_centre``, ``field_centre_sd``, ``tilt_um_across_field``,
+        ``plane_patches`` and ``map_patches`` into ``info``.
+        """
+        from .results import _fit_plane
+
+        if np.isfinite(fmap).sum() < 5:
+            return None
+        coef, keep, x, y, z = _fit_plane(fmap, 1, 1.0, PLANE_INLIER_DOF * self.dof)
+        n = int(keep.sum())
+        if n < 5:
+            return None
+        z0, a, b = (float(c) for c in coef)
+        rows, cols = fmap.shape
+        tilt = float(math.hypot(a * cols, b * rows))
+        r = z[keep] - (z0 + a * x[keep] + b * y[keep])
+        # the patches' scatter about the plane (robust; n - 3 residual degrees of freedom)
+        scatter = 1.4826 * float(np.median(np.abs(r))) * math.sqrt(n / (n - 3))
+        A = np.column_stack([np.ones(keep.sum()), x[keep], y[keep]])
+        se = scatter * math.sqrt(float(np.linalg.inv(A.T @ A)[0, 0]))
+        info.update(
+            tilt_um_across_field=tilt,
+            field_centre=z0,
+            field_centre_sd=se,
+            plane_patches=float(keep.sum()),
+            map_patches=float(np.isfinite(fmap).sum()),
+        )
+        if tilt < self.s.centre_tilt_dof * self.dof or se > self.s.centre_sd_dof * self.dof:
+            return None
+        plane = z0 + a * x[keep] + b * y[keep]
+        slack = self.s.converged_dof * self.dof
+        if not (plane.min() - slack <= f <= plane.max() + slack):
+            return None
+        return float(np.clip(z0, self.lo, self.hi))
 
     def _focus_map(self, f: float, sd: float) -> NDArray[np.float64] | None:
         """Per-patch focus positions from per-patch spectra and CNN maps, near ``f``."""

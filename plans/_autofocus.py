@@ -665,6 +665,7 @@ def autofocus_stub(
             blur_measured=tuple(float(o.blur) for o in observations),
             focus_map=res.focus_map,
             sigma_um=float(res.sigma_um),
+            detail_z=float((res.details or {}).get("detail_focus", res.z_focus)),
         )
         shape = session.map_shape or (1, 1)
         fmap = np.full(shape, np.nan)  # same shape every time in a run (the writer needs it)

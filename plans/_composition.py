@@ -47,6 +47,7 @@ from bluesky_deepfocus.calibration import Calibration
 from bluesky_deepfocus.results import AutofocusResult
 from bluesky_deepfocus.schema import MD_KEY
 from bluesky_deepfocus.scoring import FocusFunction
+from bluesky_deepfocus.search import DeepFocusSettings
 
 from ._autofocus import (
     _check_calibration,
@@ -504,6 +505,7 @@ def refocus_per_step(
     prior_sd: float | None = None,
     max_drift_rate: float = DEFAULT_MAX_DRIFT_RATE,
     max_tilt: float = DEFAULT_MAX_TILT,
+    focus_at: str = "centre",
     **autofocus_kwargs: Any,
 ) -> RefocusPerStep:
     """A ``per_step`` hook for ``scan_nd`` / ``grid_scan`` / ``list_scan`` that refocuses.
@@ -541,6 +543,13 @@ def refocus_per_step(
     max_tilt
         Largest focus change per um of motor travel expected (slide tilt, um/um);
         widens the prior with the distance to the earlier point.
+    focus_at
+        ``"centre"`` (default): a tile is placed by its centre, so on a tilted slide the
+        focus goes to the field centre (the plane fitted to the per-patch focus map, when
+        it tilts by >= 0.3 DOF across the field), not to wherever the tile's detail is;
+        ``"detail"``: where the image's detail is (as :func:`autofocus_plan`). Sets
+        :attr:`DeepFocusSettings.focus_at <bluesky_deepfocus.DeepFocusSettings>` of the
+        ``settings`` passed (ignored by the other strategies).
     **autofocus_kwargs
         Passed to :func:`~bluesky_deepfocus.plans.autofocus_stub` (``roi``,
         ``min_images``, ``max_images``, ``on_failure``, ``strategy``, ``max_travel``,
@@ -578,6 +587,10 @@ def refocus_per_step(
     >>> len(hook.results)
     4
     """
+    if autofocus_kwargs.get("strategy", "deepfocus") == "deepfocus":
+        base = autofocus_kwargs.get("settings") or DeepFocusSettings()
+        if isinstance(base, DeepFocusSettings):  # (anything else: _prepare says what to pass)
+            autofocus_kwargs["settings"] = dataclasses.replace(base, focus_at=focus_at)
     calibration, settings = _prepare(
         "refocus_per_step", camera, calibration, scorer, autofocus_kwargs
     )

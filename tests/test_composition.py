@@ -223,6 +223,23 @@ def test_per_step_rejects_the_focus_as_scan_motor(RE, rig, sim):
         RE(bp.scan([rig.camera], rig.focus, -1.0, 1.0, 2, per_step=hook))
 
 
+def test_per_step_focuses_tile_centres_by_default(rig):
+    """Tiles are placed by their centres: the hook's searches focus a tilted tile's centre
+    (``DeepFocusSettings.focus_at``), keeping the other settings passed; ``"detail"``
+    focuses where the detail is; anything else is refused before any run."""
+    from bluesky_deepfocus import DeepFocusSettings
+
+    hook = refocus_per_step(rig.camera, rig.focus, rig.cal, scorer=rig.scorer)
+    assert hook.settings["settings"].focus_at == "centre"
+    mine = DeepFocusSettings(tol_dof=0.05)
+    hook = refocus_per_step(
+        rig.camera, rig.focus, rig.cal, scorer=rig.scorer, settings=mine, focus_at="detail"
+    )
+    assert hook.settings["settings"] == DeepFocusSettings(tol_dof=0.05, focus_at="detail")
+    with pytest.raises(ValueError, match="focus_at='middle'"):
+        refocus_per_step(rig.camera, rig.focus, rig.cal, scorer=rig.scorer, focus_at="middle")
+
+
 # --------------------------------------------------------------------------------------
 # preprocessor
 # --------------------------------------------------------------------------------------

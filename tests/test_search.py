@@ -465,3 +465,47 @@ def test_the_sharpness_curve_fit_locates_focus_on_rendered_frames(cal, family, f
         grid[np.argmin(cost)],
         gs - floors,
     )
+
+
+def _tilted_field(cal, *, tilt_dof, detail_dof, wild=(), focus_at="centre"):
+    """Frames of a field whose whole frame is in focus ``detail_dof`` DOF off its centre
+    (where its detail is), and its 4 x 4-patch focus map: a plane tilted by ``tilt_dof``
+    DOF across the field (centre 20 um), patch scatter 0.03 DOF, the patches in ``wild``
+    (index, um) that far off the plane (per-patch estimates that failed)."""
+    dof = syn.DOF
+    cols = np.arange(4)[None, :] - 1.5
+    rows = np.arange(4)[:, None] - 1.5
+    fmap = 20.0 + tilt_dof * dof / 4 * (0.8 * cols - 0.6 * rows)
+    fmap += np.random.default_rng(5).normal(0.0, 0.03 * dof, fmap.shape)
+    for idx, off in wild:
+        fmap[idx] += off
+    fmap[1, 1] = np.nan  # a patch with no information
+    detail = 20.0 + detail_dof * dof
+    s = DeepFocusSearch(
+        cal, start=0.0, lo=-150, hi=150, settings=DeepFocusSettings(focus_at=focus_at)
+    )
+    s._focus_map = lambda f, sd: fmap  # the map under test (its estimation: test above)
+    return drive(s, detail), detail
+
+
+def test_focus_at_centre_focuses_the_tilted_fields_centre_not_its_detail(cal):
+    """``focus_at="centre"``: a field tilted by 1 DOF whose detail is 0.3 DOF off its
+    centre is focused at the centre of the focus map's plane (a few wild patches do not
+    pull it); ``"detail"`` focuses the detail; a field hardly tilted keeps the detail's
+    focus (the plane's centre is less precise than the whole frame)."""
+    wild = [((0, 3), -9.0), ((2, 0), 12.0), ((3, 2), -7.0)]
+    centre, detail = _tilted_field(cal, tilt_dof=1.0, detail_dof=0.3, wild=wild)
+    assert centre.converged, centre
+    assert abs(centre.z_focus - 20.0) < 0.03 * syn.DOF, centre
+    assert "field centre" in centre.reason
+    assert abs(centre.details["tilt_um_across_field"] - syn.DOF) < 0.1 * syn.DOF
+    at_detail, _ = _tilted_field(cal, tilt_dof=1.0, detail_dof=0.3, focus_at="detail")
+    assert abs(at_detail.z_focus - detail) < 0.03 * syn.DOF, at_detail
+    flat, detail = _tilted_field(cal, tilt_dof=0.1, detail_dof=0.04)
+    assert abs(flat.z_focus - detail) < 0.01 * syn.DOF, flat
+    assert "field centre" not in flat.reason
+
+
+def test_focus_at_is_checked():
+    with pytest.raises(ValueError, match="focus_at='middle'"):
+        DeepFocusSettings(focus_at="middle")

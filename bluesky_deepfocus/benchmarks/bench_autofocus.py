@@ -13,7 +13,10 @@ refuse them and keep the start position, or focus them: column "blank fields"). 
 ``fig4``
     10x/0.3, |error| versus the number of images (exactly N, 2..10) for ours, the
     paper's algorithm and bounded Brent with Tenengrad, HPF and WS; starts uniform within
-    +/-60 um (and +/-150 um with ``--fig4-far``; ``--fig4-ranges`` picks them).
+    +/-60 um (and +/-150 um with ``--fig4-far``; ``--fig4-ranges`` picks them);
+    ``--fig4-objectives`` adds 20x/0.45 and 40x/0.75 (each its own calibration; ours may
+    travel to every drawn focus). For ours and the paper's algorithm, rows for the
+    calibration's family (same family) and the others (cross-family) follow each row.
 ``near`` / ``far``
     10x/0.3 with the default budget (<= 5 images within +/-60 um; <= 6 within +/-150 um,
     where ``max_travel`` is 150 um + 1 DOF so that every drawn focus is reachable),
@@ -28,6 +31,10 @@ refuse them and keep the start position, or focus them: column "blank fields"). 
     a slide tilted by 1 DOF across the field: the per-patch focus map against the plane.
 ``tiles``
     grid_scan with the per_step hook over a 3x3 tiled slide: every tile within 1 um.
+``tile_slides``
+    the same over eight tilted slides of seven families (the first is ``tiles``'s):
+    where the hook focused (each tile's centre) and where the detail was in focus, per
+    slide, over the converged tiles (not in the default cells).
 ``timelapse``
     2 um/min drift over 30 frames: every frame within 1 um, images per refocus.
 ``overhead``
@@ -56,6 +63,7 @@ import numpy as np
 from ..metrics import HPF, WS, Tenengrad
 from ..optics import get_objective
 from ..scorer import DeepFocusScorer
+from ..search import PLANE_INLIER_DOF
 from ..specimens import TEST_FAMILIES
 from ._harness import Bench, Trial, field_is_blank, summarize
 
@@ -185,6 +193,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         needed.append("20x/0.45")
     if "obj40" in cells:
         needed.append("40x/0.75")
+    fig4_objectives = list(dict.fromkeys(args.fig4_objectives))
+    if "fig4" in cells:
+        needed += [o for o in fig4_objectives if o not in needed]
     cals = _calibrations(bench, scorer, needed, args.cal_num)
     n = args.trials
     report: dict[str, Any] = {
@@ -313,52 +324,73 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ranges = (*ranges, 150.0)
         rows = []
         curves: dict[str, dict[str, list[float]]] = {}
-        for half in ranges:
-            for strategy, fn in (
-                ("deepfocus", None),
-                ("paper", None),
-                ("brent", Tenengrad()),
-                ("brent", HPF()),
-                ("brent", WS()),
-            ):
-                label = strategy if fn is None else f"brent+{fn.name}"
-                key = f"{label} +/-{half:g}"
-                curves[key] = {"n": [], "mean": [], "p95": [], "within1": []}
-                for nb in budgets:
-                    sc = scorer if fn is None else fn
-                    tr = _trials(
-                        bench,
-                        cals["10x/0.3"],
-                        sc,
-                        objective="10x/0.3",
-                        families=TEST_FAMILIES,
-                        n=args.fig4_trials,
-                        half_range=half,
-                        budget=(nb, nb),
-                        strategy=strategy,
-                        seed=100 + nb,
-                        max_travel=half if strategy == "brent" else travel10,
-                        blank_checks=0,
-                    )
-                    r = _row(f"{key}, N={nb}", tr, obj10.dof_um)
-                    rows.append(r)
-                    curves[key]["n"].append(nb)
-                    curves[key]["mean"].append(r["mean_abs_um"])
-                    curves[key]["p95"].append(r["p95_abs_um"])
-                    curves[key]["within1"].append(r["within_1um"])
-                    print(
-                        f"[fig4] {key} N={nb}: mean {r['mean_abs_um']:.3f} within1 {r['within_1um']:.2f} estimate {r.get('mean_abs_estimate_um', float('nan')):.3f}",
-                        flush=True,
-                    )
+        for name in fig4_objectives:
+            obj = get_objective(name)
+            curves_obj: dict[str, dict[str, list[float]]] = {}
+            for half in ranges:
+                # ours may travel to every drawn focus (13 DOF at 10x covers +/-60 um)
+                travel = max(13 * obj.dof_um, half + obj.dof_um)
+                for strategy, fn in (
+                    ("deepfocus", None),
+                    ("paper", None),
+                    ("brent", Tenengrad()),
+                    ("brent", HPF()),
+                    ("brent", WS()),
+                ):
+                    label = strategy if fn is None else f"brent+{fn.name}"
+                    where = "" if name == "10x/0.3" else f" {name}"
+                    key = f"{label}{where} +/-{half:g}"
+                    curves_obj[key] = {"n": [], "mean": [], "p95": [], "within1": []}
+                    for nb in budgets:
+                        sc = scorer if fn is None else fn
+                        tr = _trials(
+                            bench,
+                            cals[name],
+                            sc,
+                            objective=name,
+                            families=TEST_FAMILIES,
+                            n=args.fig4_trials,
+                            half_range=half,
+                            budget=(nb, nb),
+                            strategy=strategy,
+                            seed=100 + nb,
+                            max_travel=half if strategy == "brent" else travel,
+                            blank_checks=0,
+                        )
+                        r = _row(f"{key}, N={nb}", tr, obj.dof_um)
+                        rows.append(r)
+                        if fn is None:  # the calibration's specimen family, and the others
+                            for part, sel in (
+                                ("same family", [t for t in tr if t.family == CAL_FAMILY]),
+                                ("cross-family", [t for t in tr if t.family != CAL_FAMILY]),
+                            ):
+                                if sel:
+                                    rows.append(_row(f"{key}, N={nb}, {part}", sel, obj.dof_um))
+                        curves_obj[key]["n"].append(nb)
+                        curves_obj[key]["mean"].append(r["mean_abs_um"])
+                        curves_obj[key]["p95"].append(r["p95_abs_um"])
+                        curves_obj[key]["within1"].append(r["within_1um"])
+                        print(
+                            f"[fig4] {key} N={nb}: mean {r['mean_abs_um']:.3f} within1 {r['within_1um']:.2f} estimate {r.get('mean_abs_estimate_um', float('nan')):.3f}",
+                            flush=True,
+                        )
+            curves.update(curves_obj)
+            stem = "fig4" if name == "10x/0.3" else f"fig4_{name.split('/')[0]}"
+            _plot_fig4(out_dir / f"{stem}.png", curves_obj, name)
         report["fig4_curves"] = curves
         record("fig4", rows)
-        _plot_fig4(out_dir / "fig4.png", curves)
     if "tilt" in cells:
         report["cells"]["tilt"] = _tilt(bench, cals["10x/0.3"], scorer, n=max(5, n // 10))
         print(f"[tilt] {report['cells']['tilt']}", flush=True)
     if "tiles" in cells:
         report["cells"]["tiles"] = _tiles(bench, cals["10x/0.3"], scorer)
         print(f"[tiles] {report['cells']['tiles']}", flush=True)
+    if "tile_slides" in cells:
+        slides = []
+        for family, seed, tilt in TILE_SLIDES:
+            slides.append(_tiles(bench, cals["10x/0.3"], scorer, family, seed, tilt))
+            print(f"[tile_slides] {slides[-1]}", flush=True)
+        report["cells"]["tile_slides"] = {"slides": slides}
     if "timelapse" in cells:
         report["cells"]["timelapse"] = _timelapse(bench, cals["10x/0.3"], scorer)
         print(f"[timelapse] {report['cells']['timelapse']}", flush=True)
@@ -409,7 +441,9 @@ def _tilt(bench: Bench, cal: Any, scorer: Any, n: int) -> dict[str, Any]:
         if fmap is None or np.sum(np.isfinite(fmap)) < 3:
             errs.append(float("inf"))
             continue
-        z0, sx, sy = fit_focus_plane(fmap, 128, obj.pixel_size_um)
+        z0, sx, sy = fit_focus_plane(
+            fmap, 128, obj.pixel_size_um, inlier_tol=PLANE_INLIER_DOF * obj.dof_um
+        )
         rows, cols = fmap.shape
         yy, xx = np.mgrid[0:rows, 0:cols].astype(float)
         yy = (yy - (rows - 1) / 2) * 128 * obj.pixel_size_um
@@ -433,7 +467,29 @@ def _tilt(bench: Bench, cal: Any, scorer: Any, n: int) -> dict[str, Any]:
     }
 
 
-def _tiles(bench: Bench, cal: Any, scorer: Any) -> dict[str, Any]:
+TILE_SLIDES = (  # (family, seed, tilt um/um): the tiles cell's slide first
+    ("nuclei", 31, (0.02, -0.015)),
+    ("nuclei", 32, (-0.015, 0.02)),
+    ("tissue", 33, (0.02, 0.01)),
+    ("neurons", 34, (0.015, 0.02)),
+    ("sparse_nuclei", 35, (-0.02, -0.01)),
+    ("text", 36, (0.01, -0.02)),
+    ("smooth", 37, (-0.02, 0.015)),
+    ("beads", 38, (0.015, 0.015)),
+)
+
+
+def _tiles(
+    bench: Bench,
+    cal: Any,
+    scorer: Any,
+    family: str = "nuclei",
+    seed: int = 31,
+    tilt: tuple[float, float] = (0.02, -0.015),
+) -> dict[str, Any]:
+    """A 3x3 ``grid_scan`` with the ``per_step`` hook over a tilted slide (4.5 fields wide,
+    true focus 12 um at the centre): each tile's final focus against the focus at its
+    centre, and the whole-frame (detail) estimate of the same searches."""
     import bluesky.plans as bp
 
     from ..devices import MMXYStage
@@ -441,19 +497,17 @@ def _tiles(bench: Bench, cal: Any, scorer: Any) -> dict[str, Any]:
 
     obj = get_objective("10x/0.3")
     fov = bench.sensor * obj.pixel_size_um
-    core, cam, foc, sim = bench.microscope(
-        "10x/0.3", "nuclei", 31, slide_fovs=4.5, tilt=(0.02, -0.015)
-    )
+    core, cam, foc, sim = bench.microscope("10x/0.3", family, seed, slide_fovs=4.5, tilt=tilt)
     xy = MMXYStage(core, name="xy")
     sim.set_true_focus(12.0)
     foc.move(0.0).wait(10)
     per_step = refocus_per_step(cam, foc, cal, scorer=scorer, max_images=6)
-    errs = []
+    truth = []
 
     def check(name: str, doc: dict[str, Any]) -> None:
         if name == "event" and "focus" in doc["data"] and "xy_x" in doc["data"]:
             x, y = doc["data"]["xy_x"], doc["data"]["xy_y"]
-            errs.append(float(doc["data"]["focus"] - sim.true_focus_at(x, y)))
+            truth.append((float(doc["data"]["focus"]), float(sim.true_focus_at(x, y))))
 
     token = bench.RE.subscribe(check, "event")
     try:
@@ -464,12 +518,25 @@ def _tiles(bench: Bench, cal: Any, scorer: Any) -> dict[str, Any]:
         )
     finally:
         bench.RE.unsubscribe(token)
-    e = np.abs(errs)
+    e = np.abs([z - t for z, t in truth])
+    ok = np.array([r.converged for r in per_step.results], bool)
+    det = np.abs([r.detail_z - t for r, (_, t) in zip(per_step.results, truth, strict=True)])
+    centred = np.array(["field centre" in r.reason for r in per_step.results], bool)
     return {
+        "slide": f"{family} {seed}, tilt {tilt[0]:g}, {tilt[1]:g}",
         "tiles": len(e),
         "max_abs_um": float(e.max()) if len(e) else float("nan"),
         "mean_abs_um": float(e.mean()) if len(e) else float("nan"),
         "all_within_1um": bool(len(e) == 9 and np.all(e <= 1.0)),
+        "refused": int((~ok).sum()),
+        "centred": int(centred.sum()),
+        # converged tiles: where the hook focused, and where the detail was in focus
+        "converged_max_abs_um": float(e[ok].max()) if ok.any() else float("nan"),
+        "converged_mean_abs_um": float(e[ok].mean()) if ok.any() else float("nan"),
+        "converged_over_1um": int((e[ok] > 1.0).sum()),
+        "detail_max_abs_um": float(det[ok].max()) if ok.any() else float("nan"),
+        "detail_mean_abs_um": float(det[ok].mean()) if ok.any() else float("nan"),
+        "detail_over_1um": int((det[ok] > 1.0).sum()),
     }
 
 
@@ -664,7 +731,7 @@ def _storage_cost(bench: Bench, cal: Any, scorer: Any, repeats: int = 5) -> dict
     }
 
 
-def _plot_fig4(path: Path, curves: dict[str, dict[str, list[float]]]) -> None:
+def _plot_fig4(path: Path, curves: dict[str, dict[str, list[float]]], objective: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -676,7 +743,7 @@ def _plot_fig4(path: Path, curves: dict[str, dict[str, list[float]]]) -> None:
     ax.axhline(0.3, color="k", ls=":", lw=1, label="0.30 um (paper, 3 images)")
     ax.set_xlabel("images")
     ax.set_ylabel("mean |error| (um)")
-    ax.set_title("10x/0.3, unseen specimen families, calibration on tissue")
+    ax.set_title(f"{objective}, unseen specimens, calibration on {CAL_FAMILY}")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -713,6 +780,22 @@ def _markdown(report: dict[str, Any]) -> str:
     for name in ("tilt", "tiles", "timelapse", "overhead", "storage"):
         if name in report["cells"]:
             lines.append(f"\n- {name}: " + json.dumps(report["cells"][name], default=float))
+    if "tile_slides" in report["cells"]:
+        lines += [
+            "",
+            "3x3 tiles per slide, converged tiles: where the hook focused (tile centre) / "
+            "where the detail was in focus, |error| in um",
+            "",
+            "| slide | tiles | refused | centred | mean | max | > 1 um | detail mean | detail max | detail > 1 um |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in report["cells"]["tile_slides"]["slides"]:
+            lines.append(
+                f"| {r['slide']} | {r['tiles']} | {r['refused']} | {r['centred']} | "
+                f"{r['converged_mean_abs_um']:.2f} | {r['converged_max_abs_um']:.2f} | "
+                f"{r['converged_over_1um']} | {r['detail_mean_abs_um']:.2f} | "
+                f"{r['detail_max_abs_um']:.2f} | {r['detail_over_1um']} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -749,6 +832,13 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
         default=None,
         help="half-ranges of the start offsets in um (default 60; e.g. 150 alone, for a "
         "run beside a +/-60 one)",
+    )
+    p.add_argument(
+        "--fig4-objectives",
+        nargs="+",
+        default=["10x/0.3"],
+        help="objectives of the Fig. 4 cell, each with its own calibration (e.g. 20x/0.45 "
+        "40x/0.75); figures fig4.png (10x) and fig4_<mag>.png",
     )
     p.add_argument("--cal-num", type=int, default=121)
     p.add_argument("--sensor", type=int, default=512)
