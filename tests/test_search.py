@@ -509,3 +509,30 @@ def test_focus_at_centre_focuses_the_tilted_fields_centre_not_its_detail(cal):
 def test_focus_at_is_checked():
     with pytest.raises(ValueError, match="focus_at='middle'"):
         DeepFocusSettings(focus_at="middle")
+
+
+def _with_sharpness(cal, share, **settings):
+    """The synthetic frames (which converge), each with a gradient energy ``share`` above
+    its camera-noise floor."""
+    s = DeepFocusSearch(cal, start=0.0, lo=-150, hi=150, settings=DeepFocusSettings(**settings))
+    while (z := s.ask()) is not None:
+        o = syn.observe(z, 20.0)
+        o.sharpness_floor = -4.0
+        o.gradient_sharpness = -4.0 + math.log1p(share)
+        s.tell(o)
+    return s.result()
+
+
+def test_no_convergence_when_no_frame_shows_detail_above_the_noise(cal):
+    """Frames of a field far out of focus hold a few low-frequency spectral bins that can
+    mimic a focus (40x, 30-50 um out: converged there, 30-50 um off); with no frame's
+    gradient energy above the camera noise's floor by ``min_detail_share`` (30 %), the
+    estimate is refused, whatever the spectra say."""
+    seen = _with_sharpness(cal, 0.5)
+    assert seen.converged and abs(seen.z_focus - 20.0) < 0.1, seen
+    for share in (-0.03, 0.12):
+        blind = _with_sharpness(cal, share)
+        assert not blind.converged, blind
+        assert "no image shows enough detail above the camera noise" in blind.reason
+        assert f"{100 * share:.1f} %" in blind.reason and "< 30 %" in blind.reason
+    assert _with_sharpness(cal, 0.12, min_detail_share=0.05).converged
