@@ -556,13 +556,13 @@ class DeepFocusSettings:
     # across the field (tiles of a scan are placed by their centres)
     focus_at: str = "detail"
     centre_tilt_dof: float = 0.3
-    coarse_candidates: int = 400  # of the coarse posterior grid over the whole range
+    centre_sd_dof: float = 0.04  # largest standard error of the plane's centre value (DOF)
     # never converged unless some frame's gradient energy stands at least this share above
     # its camera-noise floor (an image that saw detail; frames of a field still far out of
     # focus hold a few low-frequency spectral bins that can mimic a focus: at 40x, 30-50 um
     # out, such frames stood 10-12 % above it and converged 30-50 um off)
     min_detail_share: float = 0.3
-    centre_sd_dof: float = 0.04  # largest standard error of the plane's centre value (DOF)
+    coarse_candidates: int = 400  # of the coarse posterior grid over the whole range
 
     def __post_init__(self) -> None:
         if self.focus_at not in ("detail", "centre"):
@@ -1288,6 +1288,7 @@ class DeepFocusSearch(Search):
                 )
                 info["detail_focus"] = f
                 f = centre
+                sd = max(sd, info["field_centre_sd"])
         return SearchResult(
             z_focus=f,
             dz=f - self.start,
