@@ -1221,7 +1221,8 @@ class DeepFocusSearch(Search):
             confidence *= 0.1
         # no frame shows detail above the camera noise (a field still far out of focus):
         # whatever the spectra's few low-frequency bins say, no image saw the focus
-        no_detail = conv and self._detail_share() < self.s.min_detail_share
+        detail = self._detail_share()
+        no_detail = conv and detail < self.s.min_detail_share
         if no_detail:
             conv = False
             confidence *= 0.1
@@ -1248,7 +1249,7 @@ class DeepFocusSearch(Search):
         elif no_detail:
             reason = (
                 f"no image shows enough detail above the camera noise (the sharpest frame's "
-                f"gradient energy stands {100 * self._detail_share():.1f} % above the noise's "
+                f"gradient energy stands {100 * detail:.1f} % above the noise's "
                 f"floor, < {100 * self.s.min_detail_share:g} %): the estimate {f:.2f} um rests "
                 "on the spectra's few low-frequency bins (a field still far out of focus); "
                 "not trusted"
@@ -1317,7 +1318,8 @@ class DeepFocusSearch(Search):
         """
         from .results import _fit_plane
 
-        if np.isfinite(fmap).sum() < 5:
+        informative = int(np.isfinite(fmap).sum())
+        if informative < 5:
             return None
         coef, keep, x, y, z = _fit_plane(fmap, 1, 1.0, PLANE_INLIER_DOF * self.dof)
         n = int(keep.sum())
@@ -1326,21 +1328,21 @@ class DeepFocusSearch(Search):
         z0, a, b = (float(c) for c in coef)
         rows, cols = fmap.shape
         tilt = float(math.hypot(a * cols, b * rows))
-        r = z[keep] - (z0 + a * x[keep] + b * y[keep])
+        plane = z0 + a * x[keep] + b * y[keep]
+        r = z[keep] - plane
         # the patches' scatter about the plane (robust; n - 3 residual degrees of freedom)
         scatter = 1.4826 * float(np.median(np.abs(r))) * math.sqrt(n / (n - 3))
-        A = np.column_stack([np.ones(keep.sum()), x[keep], y[keep]])
+        A = np.column_stack([np.ones(n), x[keep], y[keep]])
         se = scatter * math.sqrt(float(np.linalg.inv(A.T @ A)[0, 0]))
         info.update(
             tilt_um_across_field=tilt,
             field_centre=z0,
             field_centre_sd=se,
-            plane_patches=float(keep.sum()),
-            map_patches=float(np.isfinite(fmap).sum()),
+            plane_patches=float(n),
+            map_patches=float(informative),
         )
         if tilt < self.s.centre_tilt_dof * self.dof or se > self.s.centre_sd_dof * self.dof:
             return None
-        plane = z0 + a * x[keep] + b * y[keep]
         slack = self.s.converged_dof * self.dof
         if not (plane.min() - slack <= f <= plane.max() + slack):
             return None

@@ -587,7 +587,7 @@ def refocus_per_step(
     >>> len(hook.results)
     4
     """
-    if autofocus_kwargs.get("strategy", "deepfocus") == "deepfocus":
+    if autofocus_kwargs.get("strategy", _STUB_DEFAULTS["strategy"]) == "deepfocus":
         base = autofocus_kwargs.get("settings") or DeepFocusSettings()
         if isinstance(base, DeepFocusSettings):  # (anything else: _prepare says what to pass)
             autofocus_kwargs["settings"] = dataclasses.replace(base, focus_at=focus_at)
