@@ -332,23 +332,31 @@ def widefield_psf(
     n_grid = size * os_
     dx = pixel_size_um / os_
     f = np.fft.fftfreq(n_grid, d=dx)
-    fx, fy = np.meshgrid(f, f, indexing="xy")
-    f2 = fx * fx + fy * fy
     fc = na / wavelength_um
+    # the pupil fills only the rows/columns with |f| <= fc (a small part of a defocused
+    # PSF's fine grid): build it there and skip the all-zero rows in the first pass of the
+    # 2-D inverse FFT (the same per-axis transforms as ifft2, in the same order: the same
+    # numbers, ~2x faster far from focus)
+    band = np.flatnonzero(np.abs(f) <= fc)
+    fb = f[band]
+    fx, fy = np.meshgrid(f, fb, indexing="xy")  # rows: the band; columns: every frequency
+    f2 = fx * fx + fy * fy
     inside = f2 <= fc * fc
     k = immersion_index / wavelength_um
-    kz = np.sqrt(np.maximum(k * k - f2, 0.0))
-    phase = 2 * np.pi * defocus_um * (kz[inside] - k)
+    kz = np.sqrt(np.maximum(k * k - f2[inside], 0.0))
+    phase = 2 * np.pi * defocus_um * (kz - k)
     if zernike_waves:  # evaluated inside the pupil only
         rho = np.sqrt(f2[inside]) / fc
         theta = np.arctan2(fy[inside], fx[inside])
         for j, c in zernike_waves.items():
             if c:
                 phase = phase + 2 * np.pi * c * zernike(int(j), rho, theta)
-    pupil = np.zeros(f2.shape, dtype=np.complex128)
-    pupil[inside] = np.exp(1j * phase)
-    amp = np.fft.fftshift(np.fft.ifft2(pupil))
-    fine = amp.real**2 + amp.imag**2
+    rows = np.zeros(f2.shape, dtype=np.complex128)
+    rows[inside] = np.exp(1j * phase)
+    amp = np.zeros((n_grid, n_grid), dtype=np.complex128)
+    amp[band] = np.fft.ifft(rows, axis=1)
+    amp = np.fft.ifft(amp, axis=0)
+    fine = np.fft.fftshift(amp.real**2 + amp.imag**2)
     fine /= fine.sum()
     inten = fine.reshape(size, os_, size, os_).sum(axis=(1, 3))
     if return_fine:

@@ -282,6 +282,62 @@ def test_widefield_psf_rejects_non_finite_defocus():
         widefield_psf(float("nan"), na=0.3, wavelength_um=WAVELENGTH, pixel_size_um=0.65)
 
 
+def _textbook_psf(defocus_um, *, na, wavelength_um, pixel_size_um, n=1.0, zernike_waves=None):
+    """The Debye pupil integral on the full fine grid (one 2-D inverse FFT), as
+    widefield_psf computed it before it skipped the pupil's empty rows."""
+    size = psf_support_px(
+        defocus_um,
+        na=na,
+        wavelength_um=wavelength_um,
+        pixel_size_um=pixel_size_um,
+        immersion_index=n,
+        aberration_waves=sum(abs(v) for v in (zernike_waves or {}).values()),
+    )
+    os_ = max(3, math.ceil(pixel_size_um / (wavelength_um / (4 * na))))
+    os_ += 1 - os_ % 2
+    f = np.fft.fftfreq(size * os_, d=pixel_size_um / os_)
+    fx, fy = np.meshgrid(f, f, indexing="xy")
+    f2 = fx * fx + fy * fy
+    fc = na / wavelength_um
+    inside = f2 <= fc * fc
+    k = n / wavelength_um
+    phase = 2 * np.pi * defocus_um * (np.sqrt(np.maximum(k * k - f2, 0.0))[inside] - k)
+    for j, c in (zernike_waves or {}).items():
+        phase = phase + 2 * np.pi * c * zernike(
+            j, np.sqrt(f2[inside]) / fc, np.arctan2(fy[inside], fx[inside])
+        )
+    pupil = np.zeros(f2.shape, dtype=complex)
+    pupil[inside] = np.exp(1j * phase)
+    amp = np.fft.fftshift(np.fft.ifft2(pupil))
+    fine = np.abs(amp) ** 2
+    return (fine / fine.sum()).reshape(size, os_, size, os_).sum(axis=(1, 3))
+
+
+@pytest.mark.parametrize(
+    ("defocus", "na", "pixel", "n", "zern"),
+    [
+        (0.0, 0.3, 0.65, 1.0, None),
+        (37.3, 0.75, 0.1625, 1.0, None),  # far out at 40x: the pupil fills 1/6 of the rows
+        (-6.1, 1.3, 0.1, 1.515, {5: 0.3, 11: 0.2}),
+    ],
+)
+def test_psf_equals_the_full_grid_pupil_integral(defocus, na, pixel, n, zern):
+    """Skipping the pupil's empty rows in the inverse FFT changes no number that matters."""
+    got = widefield_psf(
+        defocus,
+        na=na,
+        wavelength_um=WAVELENGTH,
+        pixel_size_um=pixel,
+        immersion_index=n,
+        zernike_waves=zern,
+    )
+    want = _textbook_psf(
+        defocus, na=na, wavelength_um=WAVELENGTH, pixel_size_um=pixel, n=n, zernike_waves=zern
+    )
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-14)
+
+
 def test_cached_psf_is_read_only():
     psf = objective_psf(get_objective("10x/0.3"), 3.0)
     with pytest.raises(ValueError, match="read-only"):

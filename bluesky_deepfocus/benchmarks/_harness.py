@@ -174,11 +174,18 @@ class Bench:
 
 def field_is_blank(sim: MicroscopeSimulation, true_focus: float) -> bool:
     """Whether the field holds no detail even in focus: fewer than 3 spatial-frequency bins
-    of the in-focus frame stand above twice the camera noise (an empty stretch of a sparse
-    slide, the uniform inside of a large object). No method can focus such a field; the
-    plans refuse it and restore the start position (tests/test_hostile_input.py)."""
-    in_focus = frame_spectrum(sim.render(float(true_focus)).astype(np.float32))
-    return int(np.count_nonzero(in_focus.log_signal()[1] > 0)) < 3
+    of the in-focus frame's expected signal stand above the camera noise (an empty stretch
+    of a sparse slide, the uniform inside of a large object). No method can focus such a
+    field; the plans refuse it and restore the start position (tests/test_hostile_input.py).
+
+    The signal is the noiseless frame's power, the noise the floor of a noisy frame: the
+    same test as ``log_signal() > 0`` on a noisy frame (signal above ``2 x`` the floor) in
+    expectation, but without its draw-to-draw flips on a field at the edge of the rule (a
+    field that passed when drawn and failed after the trial)."""
+    tf = float(true_focus)
+    noise = frame_spectrum(sim.render(tf).astype(np.float32)).noise
+    signal = frame_spectrum(sim.render(tf, noise=False).astype(np.float32)).power
+    return int(np.count_nonzero(np.isfinite(signal) & (signal > noise))) < 3
 
 
 def summarize(trials: Sequence[Trial], dof: float | None = None) -> dict[str, float]:

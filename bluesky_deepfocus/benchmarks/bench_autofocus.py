@@ -55,7 +55,8 @@ import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +180,113 @@ def _row(label: str, trials: list[Trial], dof: float) -> dict[str, Any]:
             f: dict(summarize([t for t in trials if t.family == f], dof)) for f in fams
         }
     return s
+
+
+#: the methods of the Fig. 4 cell: ours, the paper's algorithm, and bounded Brent on three
+#: classic focus functions
+FIG4_METHODS = ("deepfocus", "paper", "brent+tenengrad", "brent+hpf", "brent+ws")
+_CLASSIC = {"tenengrad": Tenengrad, "hpf": HPF, "ws": WS}
+
+
+@dataclass(frozen=True)
+class _Fig4Task:
+    """One point of a Fig. 4 curve: a method, an objective, a budget, a start range."""
+
+    objective: str
+    label: str
+    budget: int
+    half: float
+    travel: float
+
+
+def _fig4_point(
+    task: _Fig4Task, bench: Bench, cal: Any, scorer: Any, trials: int
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The row of one Fig. 4 point (and, for the DeepFocus methods, its same-family and
+    cross-family rows). The trials depend only on the task (seeded by its budget), so a
+    point comes out the same whether run alone, in order, or in a worker process."""
+    obj = get_objective(task.objective)
+    strategy, _, fn_name = task.label.partition("+")
+    sc = scorer if not fn_name else _CLASSIC[fn_name]()
+    where = "" if task.objective == "10x/0.3" else f" {task.objective}"
+    key = f"{task.label}{where} +/-{task.half:g}"
+    tr = _trials(
+        bench,
+        cal,
+        sc,
+        objective=task.objective,
+        families=TEST_FAMILIES,
+        n=trials,
+        half_range=task.half,
+        budget=(task.budget, task.budget),
+        strategy=strategy,
+        seed=100 + task.budget,
+        max_travel=task.half if strategy == "brent" else task.travel,
+        blank_checks=0,
+    )
+    r = _row(f"{key}, N={task.budget}", tr, obj.dof_um)
+    parts = []
+    if not fn_name:  # the calibration's specimen family, and the others
+        for part, sel in (
+            ("same family", [t for t in tr if t.family == CAL_FAMILY]),
+            ("cross-family", [t for t in tr if t.family != CAL_FAMILY]),
+        ):
+            if sel:
+                parts.append(_row(f"{key}, N={task.budget}, {part}", sel, obj.dof_um))
+    return r, parts
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _fig4_worker_init(sensor: int, settings: str, cals: dict[str, Any], threads: int) -> None:
+    import torch
+
+    from ..search import DeepFocusSettings
+
+    torch.set_num_threads(threads)
+    tuning = json.loads(settings)
+    _WORKER["bench"] = Bench(
+        sensor=sensor, settings=DeepFocusSettings(**tuning) if tuning else None
+    )
+    _WORKER["scorer"] = DeepFocusScorer()
+    _WORKER["cals"] = cals
+
+
+def _fig4_worker(task: _Fig4Task, trials: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    w = _WORKER
+    return _fig4_point(task, w["bench"], w["cals"][task.objective], w["scorer"], trials)
+
+
+def _run_fig4(
+    tasks: Sequence[_Fig4Task],
+    bench: Bench,
+    cals: dict[str, Any],
+    scorer: Any,
+    args: argparse.Namespace,
+) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """The points of ``tasks`` in order: here, or in ``args.jobs`` worker processes (each
+    with its own RunEngine and scorer, the calibrations made here; torch threads shared
+    out). The longest points (largest budgets) are handed out first."""
+    jobs = max(1, int(getattr(args, "jobs", 1)))
+    if jobs == 1 or len(tasks) == 1:
+        for t in tasks:
+            yield _fig4_point(t, bench, cals[t.objective], scorer, args.fig4_trials)
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ProcessPoolExecutor(
+        max_workers=jobs,
+        mp_context=mp.get_context("spawn"),  # the parent holds threads (RunEngine, torch)
+        initializer=_fig4_worker_init,
+        initargs=(args.sensor, args.settings, cals, threads),
+    ) as pool:
+        order = sorted(range(len(tasks)), key=lambda i: -tasks[i].budget)
+        futures = {i: pool.submit(_fig4_worker, tasks[i], args.fig4_trials) for i in order}
+        for i in range(len(tasks)):
+            yield futures[i].result()
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -332,50 +440,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for half in ranges:
                 # ours may travel to every drawn focus (13 DOF at 10x covers +/-60 um)
                 travel = max(13 * obj.dof_um, half + obj.dof_um)
-                for strategy, fn in (
-                    ("deepfocus", None),
-                    ("paper", None),
-                    ("brent", Tenengrad()),
-                    ("brent", HPF()),
-                    ("brent", WS()),
+                tasks = [
+                    _Fig4Task(name, label, nb, half, travel)
+                    for label in FIG4_METHODS
+                    for nb in budgets
+                ]
+                for task, (r, parts) in zip(
+                    tasks, _run_fig4(tasks, bench, cals, scorer, args), strict=True
                 ):
-                    label = strategy if fn is None else f"brent+{fn.name}"
                     where = "" if name == "10x/0.3" else f" {name}"
-                    key = f"{label}{where} +/-{half:g}"
-                    curves_obj[key] = {"n": [], "mean": [], "p95": [], "within1": []}
-                    for nb in budgets:
-                        sc = scorer if fn is None else fn
-                        tr = _trials(
-                            bench,
-                            cals[name],
-                            sc,
-                            objective=name,
-                            families=TEST_FAMILIES,
-                            n=args.fig4_trials,
-                            half_range=half,
-                            budget=(nb, nb),
-                            strategy=strategy,
-                            seed=100 + nb,
-                            max_travel=half if strategy == "brent" else travel,
-                            blank_checks=0,
-                        )
-                        r = _row(f"{key}, N={nb}", tr, obj.dof_um)
-                        rows.append(r)
-                        if fn is None:  # the calibration's specimen family, and the others
-                            for part, sel in (
-                                ("same family", [t for t in tr if t.family == CAL_FAMILY]),
-                                ("cross-family", [t for t in tr if t.family != CAL_FAMILY]),
-                            ):
-                                if sel:
-                                    rows.append(_row(f"{key}, N={nb}, {part}", sel, obj.dof_um))
-                        curves_obj[key]["n"].append(nb)
-                        curves_obj[key]["mean"].append(r["mean_abs_um"])
-                        curves_obj[key]["p95"].append(r["p95_abs_um"])
-                        curves_obj[key]["within1"].append(r["within_1um"])
-                        print(
-                            f"[fig4] {key} N={nb}: mean {r['mean_abs_um']:.3f} within1 {r['within_1um']:.2f} estimate {r.get('mean_abs_estimate_um', float('nan')):.3f}",
-                            flush=True,
-                        )
+                    key = f"{task.label}{where} +/-{half:g}"
+                    c = curves_obj.setdefault(key, {"n": [], "mean": [], "p95": [], "within1": []})
+                    rows.append(r)
+                    rows.extend(parts)
+                    c["n"].append(task.budget)
+                    c["mean"].append(r["mean_abs_um"])
+                    c["p95"].append(r["p95_abs_um"])
+                    c["within1"].append(r["within_1um"])
+                    print(
+                        f"[fig4] {key} N={task.budget}: mean {r['mean_abs_um']:.3f} within1 {r['within_1um']:.2f} estimate {r.get('mean_abs_estimate_um', float('nan')):.3f}",
+                        flush=True,
+                    )
             curves.update(curves_obj)
             stem = "fig4" if name == "10x/0.3" else f"fig4_{name.split('/')[0]}"
             _plot_fig4(out_dir / f"{stem}.png", curves_obj, name)
@@ -858,6 +943,13 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
         default=["10x/0.3"],
         help="objectives of the Fig. 4 cell, each with its own calibration (e.g. 20x/0.45 "
         "40x/0.75); figures fig4.png (10x) and fig4_<mag>.png",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="worker processes for the Fig. 4 cell's points (the same trials as 1; the CNN's "
+        "float sums, run on fewer threads each, may differ in the 7th digit)",
     )
     p.add_argument("--cal-num", type=int, default=121)
     p.add_argument("--sensor", type=int, default=512)

@@ -1,0 +1,62 @@
+"""The benchmark harness itself: which fields count as blank, and the Fig. 4 cell's
+points run in worker processes."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+
+from bluesky_deepfocus.benchmarks._harness import Bench, field_is_blank
+from bluesky_deepfocus.benchmarks.bench_autofocus import _Fig4Task, _run_fig4
+from bluesky_deepfocus.spectral import frame_spectrum
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return Bench()
+
+
+def _noisy_rule(sim, z: float) -> bool:
+    """The rule on one noisy frame (what the harness used before)."""
+    s = frame_spectrum(sim.render(z).astype(np.float32))
+    return int(np.count_nonzero(s.log_signal()[1] > 0)) < 3
+
+
+def test_uniform_field_is_blank_and_tissue_is_not(bench):
+    _, _, _, flat = bench.microscope("10x/0.3", np.full((900, 900), 0.5), 1)
+    _, _, _, tissue = bench.microscope("10x/0.3", "tissue", 1)
+    assert field_is_blank(flat, flat.true_focus_at())
+    assert not field_is_blank(tissue, tissue.true_focus_at())
+
+
+def test_a_field_at_the_edge_of_the_rule_gets_one_answer(bench):
+    """A nearly empty beads field at 20x (drawn by the obj20 cell): one noisy frame says
+    'not blank' now and then, so it once ran as a trial with detail and counted as blank
+    after it. The expected signal against the noise floor answers the same every time."""
+    _, _, _, sim = bench.microscope("20x/0.45", "beads", 15038)
+    z = sim.true_focus_at()
+    noisy = [_noisy_rule(sim, z) for _ in range(12)]
+    assert any(noisy) and not all(noisy), noisy  # the old rule flips on this field
+    assert {field_is_blank(sim, z) for _ in range(6)} == {True}
+
+
+def test_fig4_points_in_worker_processes_equal_the_points_run_here(bench):
+    """``--jobs 2`` hands the points to spawned workers (their own RunEngine): the same
+    trials, in the order of the tasks (classic metrics: no CNN, so to the last digit)."""
+    tasks = [
+        _Fig4Task("10x/0.3", "brent+tenengrad", 2, 60.0, 61.0),
+        _Fig4Task("10x/0.3", "brent+ws", 3, 60.0, 61.0),
+    ]
+    args = argparse.Namespace(fig4_trials=2, jobs=1, sensor=512, settings="{}")
+    cals = {"10x/0.3": None}  # Brent needs none
+    here = list(_run_fig4(tasks, bench, cals, None, args))
+    args.jobs = 2
+    there = list(_run_fig4(tasks, bench, cals, None, args))
+    assert [r["label"] for r, _ in there] == ["brent+tenengrad +/-60, N=2", "brent+ws +/-60, N=3"]
+    for (a, pa), (b, pb) in zip(here, there, strict=True):
+        assert pa == pb == []
+        keys = ("n", "mean_abs_um", "max_abs_um", "mean_images", "mean_abs_estimate_um")
+        assert [a[k] for k in keys] == [b[k] for k in keys]
+        assert a["mean_images"] == float(a["label"][-1])
