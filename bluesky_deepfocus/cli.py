@@ -200,6 +200,7 @@ BENCHES = {
     "reliability": "bench_reliability",
     "sharpness": "bench_sharpness",
     "offsets": "bench_offsets",
+    "spectra": "bench_spectra",
 }
 
 

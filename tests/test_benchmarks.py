@@ -60,3 +60,15 @@ def test_fig4_points_in_worker_processes_equal_the_points_run_here(bench):
         keys = ("n", "mean_abs_um", "max_abs_um", "mean_images", "mean_abs_estimate_um")
         assert [a[k] for k in keys] == [b[k] for k in keys]
         assert a["mean_images"] == float(a["label"][-1])
+
+
+def test_bench_spectra_dense_fields_cancel_an_edge_object_does_not():
+    """bench_spectra: a dense field's log power ratio between two defocus positions is the
+    calibration field's (the specimen cancels); a smooth 40x field with a bright object at
+    its edge is not (light from beyond the edge; docs/method.md, "Known failure modes")."""
+    from bluesky_deepfocus.benchmarks.bench_spectra import measure
+
+    (dense,) = measure("10x/0.3", families=["nuclei"], seeds=[101], dz_dof=[1.0])
+    assert dense["rms_low"] < 0.1 and dense["rms_high"] < 0.15, dense
+    (edge,) = measure("40x/0.75", families=["smooth"], seeds=[15039], dz_dof=[2.0])
+    assert edge["rms_low"] > 0.3 and edge["mean_change"] > 0.01, edge
