@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from numpy.typing import ArrayLike, NDArray
 
-from .model import PATCH, DeepFocusNet, load_model, prepare_patches
+from .model import PATCH, DeepFocusNet, for_inference, load_model, prepare_patches
 from .scoring import ROI, FocusFunction, ScoreResult, check_image, crop_roi, patch_grid, to_patches
 
 __all__ = ["DeepFocusScorer"]
@@ -107,8 +107,11 @@ class DeepFocusScorer(FocusFunction):
         if str(device) == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        self.model: DeepFocusNet
-        self.model, self.card = load_model(weights, device=self.device)
+        #: the loaded network as trained, and ``model``: the copy inference runs (batch
+        #: norms folded in, channels-last on the CPU; :func:`.model.for_inference`)
+        self.network: DeepFocusNet
+        self.network, self.card = load_model(weights, device=self.device)
+        self.model: DeepFocusNet = for_inference(self.network)
         self.weights_path = str(Path(weights) if weights else "")
         self.max_level = int(max_level)
         self.batch_size = int(batch_size)

@@ -101,6 +101,29 @@ def test_score_tracks_the_physical_blur_radius(curves):
     assert 0.5 * r_geo_px < est < 2.0 * r_geo_px, (est, r_geo_px)
 
 
+def test_the_inference_copy_computes_what_the_trained_network_does(scorer):
+    """``scorer.model`` (batch norms folded in, channels-last) against the network as
+    loaded, on patches of unseen families near and far from focus: float rounding only."""
+    import torch
+
+    from bluesky_deepfocus.model import prepare_patches
+
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in scorer.network.modules())
+    assert not any(
+        isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)) for m in scorer.model.modules()
+    )
+    frames = [render(f, z, seed=3) for f in ("nuclei", "neurons") for z in (0.0, 15.0, 40.0)]
+    patches = np.concatenate(
+        [f[None, :PATCH, :PATCH].astype(np.float32) for f in frames]
+        + [f[None, -PATCH:, -PATCH:].astype(np.float32) for f in frames]
+    )
+    x = prepare_patches(torch.from_numpy(patches))
+    with torch.inference_mode():
+        want, got = scorer.network(x).numpy(), scorer.model(x).numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+    assert float(np.ptp(want[:, 0])) > 1.0  # the patches span a range of blur
+
+
 @pytest.mark.parametrize("value", [0, 100, 65535])
 def test_blank_and_saturated_frames_carry_no_information(scorer, value):
     res = scorer.score(np.full((256, 256), value, np.uint16))
