@@ -19,7 +19,12 @@ from ..search import DeepFocusSettings
 from ..sim import MicroscopeSimulation, get_simulation, simulated_microscope
 from ..spectral import frame_spectrum
 
-__all__ = ["Bench", "Trial", "field_is_blank", "summarize"]
+__all__ = ["CAL_FAMILY", "CAL_SEED", "Bench", "Trial", "field_is_blank", "summarize"]
+
+#: every benchmark calibrates on this family's field of this seed (the test specimens are
+#: of other families, or other fields of it)
+CAL_FAMILY = "tissue"
+CAL_SEED = 7
 
 
 @dataclass

@@ -68,9 +68,8 @@ from ..optics import get_objective
 from ..scorer import DeepFocusScorer
 from ..search import PLANE_INLIER_DOF
 from ..specimens import TEST_FAMILIES
-from ._harness import Bench, Trial, field_is_blank, summarize
+from ._harness import CAL_FAMILY, CAL_SEED, Bench, Trial, field_is_blank, summarize
 
-CAL_FAMILY = "tissue"
 CROSS_FAMILIES = tuple(f for f in TEST_FAMILIES if f != CAL_FAMILY)
 
 
@@ -80,7 +79,7 @@ def _calibrations(
     cals = {}
     for name in objectives:
         obj = get_objective(name)
-        _, cam, foc, _ = bench.microscope(name, CAL_FAMILY, 7)
+        _, cam, foc, _ = bench.microscope(name, CAL_FAMILY, CAL_SEED)
         t = time.time()
         cals[name] = bench.calibrate(cam, foc, scorer, 13 * obj.dof_um, num)
         print(
@@ -198,6 +197,12 @@ class _Fig4Task:
     half: float
     travel: float
 
+    @property
+    def key(self) -> str:
+        """The curve's name: method, objective (but 10x) and start range."""
+        where = "" if self.objective == "10x/0.3" else f" {self.objective}"
+        return f"{self.label}{where} +/-{self.half:g}"
+
 
 def _fig4_point(
     task: _Fig4Task, bench: Bench, cal: Any, scorer: Any, trials: int
@@ -208,8 +213,7 @@ def _fig4_point(
     obj = get_objective(task.objective)
     strategy, _, fn_name = task.label.partition("+")
     sc = scorer if not fn_name else _CLASSIC[fn_name]()
-    where = "" if task.objective == "10x/0.3" else f" {task.objective}"
-    key = f"{task.label}{where} +/-{task.half:g}"
+    key = task.key
     tr = _trials(
         bench,
         cal,
@@ -268,7 +272,7 @@ def _run_fig4(
     """The points of ``tasks`` in order: here, or in ``args.jobs`` worker processes (each
     with its own RunEngine and scorer, the calibrations made here; torch threads shared
     out). The longest points (largest budgets) are handed out first."""
-    jobs = max(1, int(getattr(args, "jobs", 1)))
+    jobs = max(1, int(args.jobs))
     if jobs == 1 or len(tasks) == 1:
         for t in tasks:
             yield _fig4_point(t, bench, cals[t.objective], scorer, args.fig4_trials)
@@ -448,8 +452,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for task, (r, parts) in zip(
                     tasks, _run_fig4(tasks, bench, cals, scorer, args), strict=True
                 ):
-                    where = "" if name == "10x/0.3" else f" {name}"
-                    key = f"{task.label}{where} +/-{half:g}"
+                    key = task.key
                     c = curves_obj.setdefault(key, {"n": [], "mean": [], "p95": [], "within1": []})
                     rows.append(r)
                     rows.extend(parts)

@@ -22,11 +22,9 @@ import numpy as np
 from ..optics import get_objective
 from ..scorer import DeepFocusScorer
 from ..specimens import TEST_FAMILIES
-from ._harness import Bench
+from ._harness import CAL_FAMILY, CAL_SEED, Bench
 
 __all__ = ["main", "measure"]
-
-CAL_FAMILY = "tissue"
 
 
 def _nan_stat(stat: Any, values: np.ndarray) -> float:
@@ -47,7 +45,7 @@ def measure(
     obj = get_objective(objective)
     bench = Bench()
     scorer = DeepFocusScorer()
-    _, cam, foc, _ = bench.microscope(objective, CAL_FAMILY, 7)
+    _, cam, foc, _ = bench.microscope(objective, CAL_FAMILY, CAL_SEED)
     cal = bench.calibrate(cam, foc, scorer, 13 * obj.dof_um, cal_num)
     zs = np.linspace(-half_dof * obj.dof_um, half_dof * obj.dof_um, num)
     expected = cal.b_calib(zs)

@@ -24,11 +24,9 @@ import numpy as np
 from ..optics import get_objective
 from ..specimens import TEST_FAMILIES
 from ..spectral import EDGES, frame_spectrum
-from ._harness import Bench, field_is_blank
+from ._harness import CAL_FAMILY, CAL_SEED, Bench, field_is_blank
 
 __all__ = ["main", "measure"]
-
-CAL_FAMILY = "tissue"
 
 
 def _log_ratios(
@@ -66,9 +64,9 @@ def measure(
     obj = get_objective(objective)
     bench = Bench()
     dzs = [d * obj.dof_um for d in dz_dof]
-    got = _log_ratios(bench, objective, CAL_FAMILY, 7, dzs)
+    got = _log_ratios(bench, objective, CAL_FAMILY, CAL_SEED, dzs)
     if got is None:
-        raise RuntimeError(f"The calibration field ({CAL_FAMILY}, seed 7) is blank.")
+        raise RuntimeError(f"The calibration field ({CAL_FAMILY}, seed {CAL_SEED}) is blank.")
     ref = got[0]
     centres = np.sqrt(EDGES[1:] * EDGES[:-1])
     low = centres < split
@@ -103,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     rows = measure(a.objective, a.families, a.seeds, a.dz_dof, a.split)
     print(
-        f"{a.objective}: RMS of log P(dz)/P(0) minus the same on {CAL_FAMILY} (seed 7), "
+        f"{a.objective}: RMS of log P(dz)/P(0) minus the same on {CAL_FAMILY} (seed {CAL_SEED}), "
         f"over bins below / above {a.split:g} cycles/px; mean: the frame mean's change"
     )
     print("| family | seed | dz (DOF) | RMS low | RMS high | mean |")
