@@ -621,6 +621,8 @@ class DeepFocusSearch(Search):
         # posteriors of the current observations (cleared by tell): ask() and result()
         # evaluate the same ones several times
         self._memo: dict[Any, Any] = {}
+        # the table's rows of one frame on the coarse grid (every update re-reads them)
+        self._rows: dict[float, tuple[NDArray, NDArray, NDArray]] = {}
         self._verified = False
 
     def settings(self) -> dict[str, Any]:
@@ -654,8 +656,17 @@ class DeepFocusSearch(Search):
         """The calibration's transfer table at frames ``z`` for candidates ``grid``:
         ``(F, N, K)`` arrays ``T, WT, Tub``."""
         F, N = len(grid), len(z)
-        T, WT, Tub = self.cal.transfer_table((z[None, :] - grid[:, None]).ravel())
-        return T.reshape(F, N, -1), WT.reshape(F, N, -1), Tub.reshape(F, N, -1)
+        if grid is not self.grid:
+            T, WT, Tub = self.cal.transfer_table((z[None, :] - grid[:, None]).ravel())
+            return T.reshape(F, N, -1), WT.reshape(F, N, -1), Tub.reshape(F, N, -1)
+        # the coarse grid: each frame's rows are computed once (row i depends on z_i only)
+        new = [float(v) for v in z if float(v) not in self._rows]
+        if new:
+            got = self.cal.transfer_table((np.array(new)[None, :] - grid[:, None]).ravel())
+            for j, v in enumerate(new):
+                self._rows[v] = tuple(a.reshape(F, len(new), -1)[:, j] for a in got)  # type: ignore[assignment]
+        rows = [self._rows[float(v)] for v in z]
+        return tuple(np.stack([r[i] for r in rows], axis=1) for i in range(3))  # type: ignore[return-value]
 
     def _spec_chi2(
         self,
@@ -677,7 +688,7 @@ class DeepFocusSearch(Search):
         wA = np.where(
             ov & tv, 1.0 / (1.0 / np.maximum(W, 1e-9) + 1.0 / np.maximum(WT, 1e-9) + s2), 0.0
         )
-        yA = np.where(ov & tv, np.nan_to_num(L - T), 0.0)
+        yA = np.where(ov & tv, L - T, 0.0)
         # bounds: y = L - T >= L - Tub where only the frame detects; <= Lub - T where only the table does
         wH = 1.0 / (2 * s2)
         lbB = np.where(ov & ~tv, np.nan_to_num(L - Tub), -np.inf)
@@ -1506,46 +1517,52 @@ def _banded_solve(a0: NDArray, a1: NDArray, a2: NDArray, b: NDArray) -> NDArray:
 
     ``a0 (F, K)`` diagonal, ``a1 (F, K-1)`` and ``a2 (F, K-2)`` the first and second
     off-diagonals, ``b (F, K, R)`` right-hand sides; banded Cholesky, O(F K R).
+
+    The K steps are sequential, so each is a handful of numpy calls on length-F rows:
+    the rows are laid out ``(K, R, F)`` (contiguous, broadcast over the leading axis),
+    the factor and the forward substitution share one loop, and every step writes in
+    place (this runs twice per posterior update: the search's largest cost).
     """
     F, K = a0.shape
-    # work on (K, F) rows: each step below is then a contiguous vector operation
     A0, A1, A2 = (np.ascontiguousarray(a.T) for a in (a0, a1, a2))
-    B = np.ascontiguousarray(np.moveaxis(b, 1, 0))  # (K, F, R)
-    d = np.empty((K, F))
-    e = np.zeros((K, F))
+    y = np.transpose(b, (1, 2, 0)).copy()  # (K, R, F): solved in place
+    inv = np.empty((K, F))  # 1 / the factor's diagonal
+    e = np.zeros((K, F))  # its first and second sub-diagonals
     f = np.zeros((K, F))
+    tmp = np.empty(F)
+    t2 = np.empty(y.shape[1:])
     for k in range(K):
         v = A0[k].copy()
         if k >= 1:
-            v -= e[k - 1] ** 2
+            v -= np.square(e[k - 1], out=tmp)
         if k >= 2:
-            v -= f[k - 2] ** 2
-        dk = np.sqrt(np.maximum(v, 1e-12))
-        d[k] = dk
+            v -= np.square(f[k - 2], out=tmp)
+        dk = np.sqrt(np.maximum(v, 1e-12, out=v), out=v)
         if k + 1 < K:
-            e[k] = (A1[k] - f[k - 1] * e[k - 1] if k >= 1 else A1[k]) / dk
+            if k >= 1:
+                np.subtract(A1[k], np.multiply(f[k - 1], e[k - 1], out=tmp), out=e[k])
+                e[k] /= dk
+            else:
+                np.divide(A1[k], dk, out=e[k])
         if k + 2 < K:
-            f[k] = A2[k] / dk
-    inv = (1.0 / d)[:, :, None]
-    y = np.empty_like(B)
-    for k in range(K):
-        v = B[k].copy()
+            np.divide(A2[k], dk, out=f[k])
+        np.divide(1.0, dk, out=inv[k])
+        yk = y[k]  # forward: L y = b
         if k >= 1:
-            v -= e[k - 1, :, None] * y[k - 1]
+            yk -= np.multiply(e[k - 1], y[k - 1], out=t2)
         if k >= 2:
-            v -= f[k - 2, :, None] * y[k - 2]
-        v *= inv[k]
-        y[k] = v
-    x = np.empty_like(B)
-    for k in range(K - 1, -1, -1):
-        v = y[k].copy()
+            yk -= np.multiply(f[k - 2], y[k - 2], out=t2)
+        yk *= inv[k]
+    for k in range(K - 1, -1, -1):  # backward: L' x = y, x over y
+        yk = y[k]
         if k + 1 < K:
-            v -= e[k, :, None] * x[k + 1]
+            yk -= np.multiply(e[k], y[k + 1], out=t2)
         if k + 2 < K:
-            v -= f[k, :, None] * x[k + 2]
-        v *= inv[k]
-        x[k] = v
-    return np.moveaxis(x, 0, 1)
+            yk -= np.multiply(f[k], y[k + 2], out=t2)
+        yk *= inv[k]
+    # the layout the callers' matmuls have always seen ((K, F, R) moved), so their
+    # float rounding is unchanged
+    return np.moveaxis(np.ascontiguousarray(np.transpose(y, (0, 2, 1))), 0, 1)
 
 
 @lru_cache(maxsize=8)
