@@ -1482,7 +1482,9 @@ def _spectra_arrays(specs: list[Spectrum]) -> tuple[NDArray, NDArray, NDArray, N
     obs = [s.log_signal() for s in specs]
     L = np.stack([o[0] for o in obs])
     W = np.stack([o[1] for o in obs])
-    Lub = np.array([s.detection_limit() for s in specs])[:, None] + 0 * L
+    # (each frame's limit in every bin: ``+ 0 * L`` here once made it NaN wherever the
+    # frame detected nothing -- exactly where the bound applies -- and the bound 0)
+    Lub = np.repeat(np.array([s.detection_limit() for s in specs])[:, None], L.shape[1], axis=1)
     present = np.stack([s.counts > 0 for s in specs])
     return L, W, Lub, present
 

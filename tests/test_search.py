@@ -536,3 +536,99 @@ def test_no_convergence_when_no_frame_shows_detail_above_the_noise(cal):
         assert "no image shows enough detail above the camera noise" in blind.reason
         assert f"{100 * share:.1f} %" in blind.reason and "< 30 %" in blind.reason
     assert _with_sharpness(cal, 0.12, min_detail_share=0.05).converged
+
+
+# ------------------------------------------------------------ the spectral fit's numerics
+
+
+def _pentadiagonal(rng, F, K):
+    """Random SPD pentadiagonal systems, as (a0, a1, a2) and dense."""
+    a1 = rng.normal(0, 1, (F, K - 1))
+    a2 = rng.normal(0, 1, (F, K - 2))
+    a0 = 2 * (np.abs(np.pad(a1, ((0, 0), (0, 1)))) + np.abs(np.pad(a1, ((0, 0), (1, 0)))))
+    a0 += 2 * (np.abs(np.pad(a2, ((0, 0), (0, 2)))) + np.abs(np.pad(a2, ((0, 0), (2, 0))))) + 0.1
+    dense = np.zeros((F, K, K))
+    i = np.arange(K)
+    dense[:, i, i] = a0
+    dense[:, i[:-1], i[1:]] = dense[:, i[1:], i[:-1]] = a1
+    dense[:, i[:-2], i[2:]] = dense[:, i[2:], i[:-2]] = a2
+    return a0, a1, a2, dense
+
+
+@pytest.mark.parametrize("F, K, R", [(1, 3, 1), (7, 36, 4), (130, 12, 6)])
+def test_banded_solve_equals_a_dense_solve(F, K, R):
+    from bluesky_deepfocus.search import _banded_solve
+
+    rng = np.random.default_rng(F * 100 + K)
+    a0, a1, a2, dense = _pentadiagonal(rng, F, K)
+    b = rng.normal(0, 1, (F, K, R))
+    b_before = b.copy()
+    x = _banded_solve(a0, a1, a2, b)
+    assert x.shape == (F, K, R)
+    np.testing.assert_allclose(x, np.linalg.solve(dense, b), rtol=1e-9, atol=1e-9)
+    np.testing.assert_array_equal(b, b_before)  # the right-hand sides are not overwritten
+
+
+def test_the_two_way_fit_equals_dense_least_squares():
+    """c_k + d_i fitted to y with weights w, smoothness P on c and ridge pd on d."""
+    from bluesky_deepfocus.search import _smoothness, _solve_two_way
+
+    rng = np.random.default_rng(3)
+    F, N, K = 5, 4, 36
+    w = rng.uniform(0, 3, (F, N, K)) * (rng.uniform(size=(F, N, K)) > 0.3)
+    y = rng.normal(0, 2, (F, N, K))
+    _, P = _smoothness(K, 2.0, 0.1)
+    pd = 0.5
+    c, d = _solve_two_way(w, y, P, pd)
+    for f in range(F):
+        # normal equations of the whole quadratic in (c, d)
+        A = np.zeros((K + N, K + N))
+        rhs = np.zeros(K + N)
+        A[:K, :K] = P + np.diag(w[f].sum(axis=0))
+        A[K:, K:] = np.diag(w[f].sum(axis=1) + pd)
+        A[:K, K:] = w[f].T
+        A[K:, :K] = w[f]
+        rhs[:K] = (w[f] * y[f]).sum(axis=0)
+        rhs[K:] = (w[f] * y[f]).sum(axis=1)
+        sol = np.linalg.solve(A, rhs)
+        np.testing.assert_allclose(c[f], sol[:K], rtol=1e-8, atol=1e-8)
+        np.testing.assert_allclose(d[f], sol[K:], rtol=1e-8, atol=1e-8)
+
+
+def test_the_coarse_grid_table_is_the_calibrations(cal):
+    """The coarse grid's rows are kept per frame; they equal the calibration's table."""
+    s = DeepFocusSearch(cal, start=0.0, lo=-150, hi=150, max_images=8)
+    F = len(s.grid)
+    for zs in ([0.0, 20.0], [0.0, 20.0, -35.5], [20.0, -35.5, 7.25, 0.0]):
+        z = np.array(zs)
+        got = s._table(z, s.grid)
+        want = cal.transfer_table((z[None, :] - s.grid[:, None]).ravel())
+        for g, w_ in zip(got, want, strict=True):
+            np.testing.assert_array_equal(g, w_.reshape(F, len(z), -1))
+
+
+def test_a_bin_the_frame_misses_is_bounded_by_the_frames_detection_limit(cal):
+    """Where a frame detects nothing, its log signal is at most its detection limit: the
+    bound is that limit in every such bin (it once came out NaN there, and the fit then
+    bounded the model by 0 instead), and a table that says the bin is far above it costs."""
+    from bluesky_deepfocus.search import _spectra_arrays
+
+    specs = [syn.spectrum(dz, slope=2.5) for dz in (30.0, 45.0)]
+    L, W, Lub, present = _spectra_arrays(specs)
+    missed = ~np.isfinite(L) & present
+    assert missed.any() and np.isfinite(L).any()
+    for i, s in enumerate(specs):
+        np.testing.assert_array_equal(Lub[i], np.full(L.shape[1], s.detection_limit()))
+
+    s = DeepFocusSearch(cal, start=0.0, lo=-150, hi=150, max_images=8)
+    T = np.where(np.isfinite(L), L, 0.0)[None]  # the table agrees where the frame detects
+    WT = np.where(np.isfinite(L), 1e3, 0.0)[None]
+
+    def chi2(table_minus_limit):
+        """The fit's chi^2 with the table at the frame's limit + this, where it missed."""
+        t = np.where(missed[None], Lub[None] + table_minus_limit, T)
+        wt = np.where(missed[None], 1e3, WT)
+        c2, _ = s._spec_chi2(L[None], W[None], Lub[None], present[None], t, wt, t)
+        return float(c2[0])
+
+    assert chi2(4.0) > chi2(-2.0) + 10.0
