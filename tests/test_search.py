@@ -511,14 +511,17 @@ def test_focus_at_is_checked():
         DeepFocusSettings(focus_at="middle")
 
 
-def _with_sharpness(cal, share, **settings):
-    """The synthetic frames (which converge), each with a gradient energy ``share`` above
-    its camera-noise floor."""
+def _with_sharpness(cal, share, *, peak=1.0, **settings):
+    """The synthetic frames (which converge), those within 0.25 DOF of the focus (20 um)
+    with a gradient energy ``share`` above its camera-noise floor, the others ``peak``
+    (log units) less sharp."""
     s = DeepFocusSearch(cal, start=0.0, lo=-150, hi=150, settings=DeepFocusSettings(**settings))
     while (z := s.ask()) is not None:
         o = syn.observe(z, 20.0)
         o.sharpness_floor = -4.0
-        o.gradient_sharpness = -4.0 + math.log1p(share)
+        o.gradient_sharpness = (
+            -4.0 + math.log1p(share) - (peak if abs(z - 20.0) > 0.25 * syn.DOF else 0)
+        )
         s.tell(o)
     return s.result()
 
@@ -536,6 +539,19 @@ def test_no_convergence_when_no_frame_shows_detail_above_the_noise(cal):
         assert "no image shows enough detail above the camera noise" in blind.reason
         assert f"{100 * share:.1f} %" in blind.reason and "< 30 %" in blind.reason
     assert _with_sharpness(cal, 0.12, min_detail_share=0.05).converged
+
+
+@pytest.mark.parametrize("peak", [-0.01, 0.03])
+def test_no_convergence_without_a_sharpness_peak_at_the_estimate(cal, peak):
+    """Frames far out of focus all look alike (40x, 30 DOF out: seven frames within 0.04
+    of each other converged 45.6 um off): the image at the estimate must be sharper than
+    those >= 0.5 DOF from it by ``peak_min_drop``, else the estimate is refused."""
+    flat = _with_sharpness(cal, 0.5, peak=peak)
+    assert not flat.converged, flat
+    assert "no sharpness peak at the estimate" in flat.reason
+    assert f"only {peak:.3f}" in flat.reason and flat.details["peak_drop"] == pytest.approx(peak)
+    assert _with_sharpness(cal, 0.5, peak=0.3).converged
+    assert _with_sharpness(cal, 0.5, peak=peak, peak_min_drop=0).converged
 
 
 # ------------------------------------------------------------ the spectral fit's numerics

@@ -446,7 +446,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 travel = max(13 * obj.dof_um, half + obj.dof_um)
                 tasks = [
                     _Fig4Task(name, label, nb, half, travel)
-                    for label in FIG4_METHODS
+                    for label in args.fig4_methods
                     for nb in budgets
                 ]
                 for task, (r, parts) in zip(
@@ -946,6 +946,14 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
         default=["10x/0.3"],
         help="objectives of the Fig. 4 cell, each with its own calibration (e.g. 20x/0.45 "
         "40x/0.75); figures fig4.png (10x) and fig4_<mag>.png",
+    )
+    p.add_argument(
+        "--fig4-methods",
+        nargs="+",
+        choices=FIG4_METHODS,
+        default=list(FIG4_METHODS),
+        help="methods of the Fig. 4 cell (default all; each point's trials are the same "
+        "whichever others run, so one method can be rerun after a change to it alone)",
     )
     p.add_argument(
         "--jobs",
