@@ -1305,10 +1305,11 @@ class DeepFocusSearch(Search):
             )
         elif flat:
             reason = (
-                f"no sharpness peak at the estimate {f:.2f} um: the image nearest it is only "
-                f"{drop:.3f} (log gradient energy) sharper than one >= "
-                f"{self.s.peak_far_dof:g} DOF away (< {self.s.peak_min_drop:g}; frames of a "
-                "field far out of focus all look alike); not trusted"
+                f"no sharpness peak at the estimate {f:.2f} um: the sharpest image within "
+                f"{self.s.peak_near_dof:g} DOF of it is only {drop:.3f} (log gradient energy) "
+                f"sharper than one >= {self.s.peak_far_dof:g} DOF away (< "
+                f"{self.s.peak_min_drop:g}; frames of a field far out of focus all look "
+                "alike); not trusted"
             )
         elif at_edge:
             reason = (
