@@ -702,7 +702,7 @@ class DeepFocusSearch(Search):
         # bounds: y = L - T >= L - Tub where only the frame detects; <= Lub - T where only the table does
         wH = 1.0 / (2 * s2)
         lbB = np.where(ov & ~tv, np.nan_to_num(L - Tub), -np.inf)
-        ubC = np.where(~np.isfinite(L) & present & tv, np.nan_to_num(Lub - T), np.inf)
+        ubC = np.where(~np.isfinite(L) & present & tv, Lub - T, np.inf)
         # smoothness of c over log-frequency bins (second differences) + weak ridge
         Pc, P = _smoothness(K, self.s.spec_curvature, self.s.spec_slope)
         pd = 1.0 / self.s.exposure_sigma**2

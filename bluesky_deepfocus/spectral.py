@@ -32,7 +32,8 @@ EDGES: NDArray[np.float64] = np.geomspace(1 / 256, 0.5, 37)
 
 @dataclass(frozen=True)
 class Spectrum:
-    """Radially binned power of one frame (or patch).
+    """Radially binned power of one frame (or patch). Immutable: its arrays are not to be
+    changed in place (:meth:`log_signal` keeps its result).
 
     Attributes
     ----------
@@ -60,6 +61,9 @@ class Spectrum:
         ``counts`` exponential periodogram values, and subtracting the noise amplifies
         the relative error by ``P / (P - N)``.
         """
+        cached = self.__dict__.get("_log_signal")
+        if cached is not None and cached[0] == min_snr:
+            return cached[1], cached[2]
         sig = self.power - self.noise
         ok = (
             np.isfinite(sig) & (self.counts > 0) & (sig > (min_snr - 1.0) * self.noise) & (sig > 0)
@@ -69,6 +73,10 @@ class Spectrum:
         w = np.zeros_like(self.power)
         frac = np.where(ok, sig / np.where(self.power > 0, self.power, 1.0), 0.0)
         w[ok] = self.counts[ok] * frac[ok] ** 2
+        # kept (read-only): the search reads every frame's at each posterior update
+        logs.setflags(write=False)
+        w.setflags(write=False)
+        object.__setattr__(self, "_log_signal", (min_snr, logs, w))
         return logs, w
 
     def sharpness(self) -> float:
