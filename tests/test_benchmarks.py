@@ -72,3 +72,17 @@ def test_bench_spectra_dense_fields_cancel_an_edge_object_does_not():
     assert dense["rms_low"] < 0.1 and dense["rms_high"] < 0.15, dense
     (edge,) = measure("40x/0.75", families=["smooth"], seeds=[15039], dz_dof=[2.0])
     assert edge["rms_low"] > 0.3 and edge["mean_change"] > 0.01, edge
+
+
+def test_fig4_methods_option():
+    """``--fig4-methods`` picks the Fig. 4 methods (default all; a typo is refused)."""
+    from bluesky_deepfocus.benchmarks.bench_autofocus import FIG4_METHODS, build_parser
+
+    p = build_parser()
+    assert p.parse_args([]).fig4_methods == list(FIG4_METHODS)
+    assert p.parse_args(["--fig4-methods", "deepfocus", "brent+ws"]).fig4_methods == [
+        "deepfocus",
+        "brent+ws",
+    ]
+    with pytest.raises(SystemExit):
+        p.parse_args(["--fig4-methods", "brent+sobel"])

@@ -124,6 +124,13 @@ def test_log_signal_masks_bins_below_the_noise():
     sig = power[detected] - 1.0
     np.testing.assert_allclose(weights[detected], counts[detected] * (sig / power[detected]) ** 2)
     assert spec.detection_limit(3.0) == pytest.approx(np.log(2.0))
+    # kept per threshold, read-only; another threshold is computed afresh
+    again, w_again = spec.log_signal(min_snr=3.0)
+    assert again is logs and w_again is weights and not logs.flags.writeable
+    with pytest.raises(ValueError):
+        logs[1] = 0.0
+    two, _ = spec.log_signal(min_snr=2.0)
+    np.testing.assert_array_equal(np.isfinite(two), power - 1.0 > 1.0)
 
 
 def test_log_signal_of_a_noisy_blurred_frame_drops_high_frequencies(fields):
