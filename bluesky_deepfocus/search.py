@@ -672,11 +672,13 @@ class DeepFocusSearch(Search):
         # the coarse grid: each frame's rows are computed once (row i depends on z_i only)
         new = [float(v) for v in z if float(v) not in self._rows]
         if new:
-            got = self.cal.transfer_table((np.array(new)[None, :] - grid[:, None]).ravel())
+            d = (np.array(new)[None, :] - grid[:, None]).ravel()
+            T, WT, Tub = (a.reshape(F, len(new), -1) for a in self.cal.transfer_table(d))
             for j, v in enumerate(new):
-                self._rows[v] = tuple(a.reshape(F, len(new), -1)[:, j] for a in got)  # type: ignore[assignment]
+                self._rows[v] = (T[:, j], WT[:, j], Tub[:, j])
         rows = [self._rows[float(v)] for v in z]
-        return tuple(np.stack([r[i] for r in rows], axis=1) for i in range(3))  # type: ignore[return-value]
+        T, WT, Tub = (np.stack(part, axis=1) for part in zip(*rows, strict=True))
+        return T, WT, Tub
 
     def _spec_chi2(
         self,
