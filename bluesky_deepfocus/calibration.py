@@ -289,18 +289,29 @@ class Calibration:
         Outside the informative part of the stack: NaN, or the end values with ``clamp``.
         """
         zq = np.atleast_1d(np.asarray(z, dtype=float))
-        ok = np.isfinite(self.blur)
-        zs, bs = self.z_um[ok], self.blur[ok]
+        zs, bs, curve = self._blur_curve()
         inside = (zq >= zs[0]) & (zq <= zs[-1])
         out = np.full(zq.shape, np.nan)
-        if len(zs) >= 3:
-            out[inside] = interpolate.PchipInterpolator(zs, bs)(zq[inside])
+        if curve is not None:
+            out[inside] = curve(zq[inside])
         else:
             out[inside] = np.interp(zq[inside], zs, bs)
         if clamp:
             out[zq < zs[0]] = bs[0]
             out[zq > zs[-1]] = bs[-1]
         return out
+
+    def _blur_curve(self) -> tuple[NDArray, NDArray, interpolate.PchipInterpolator | None]:
+        """The finite (z, blur) points and their PCHIP interpolant (``None`` below 3
+        points), built once per calibration (the search evaluates it at every update)."""
+        cached = getattr(self, "_blur_cache", None)
+        if cached is not None and cached[0] is self.blur and cached[1] is self.z_um:
+            return cached[2]
+        ok = np.isfinite(self.blur)
+        zs, bs = self.z_um[ok], self.blur[ok]
+        curve = interpolate.PchipInterpolator(zs, bs) if len(zs) >= 3 else None
+        self._blur_cache = (self.blur, self.z_um, (zs, bs, curve))
+        return zs, bs, curve
 
     def log_transfer(self, z: ArrayLike) -> NDArray[np.float64]:
         """Calibration ``log(P - N)`` spectra at defocus ``z`` (shape ``(len(z), K)``)."""

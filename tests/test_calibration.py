@@ -48,6 +48,25 @@ def test_calibration_centres_on_focus_and_fits_moffat():
     assert np.nanargmin(cal.b_calib(cal.z_um)) == np.argmin(np.abs(cal.z_um))
 
 
+def test_b_calib_is_the_pchip_of_the_finite_points_and_follows_a_replaced_curve():
+    from scipy.interpolate import PchipInterpolator
+
+    z = np.linspace(-150, 150, 61)
+    b, s = stack(z, noise=0.01)
+    cal = fit(z, b, s)
+    zq = np.array([-200.0, -140.0, -3.3, 0.0, 12.5, 140.0, 200.0])
+    ok = np.isfinite(cal.blur)
+    want = PchipInterpolator(cal.z_um[ok], cal.blur[ok])(zq[1:-1])
+    got = cal.b_calib(zq)
+    assert np.isnan(got[0]) and np.isnan(got[-1])  # beyond the stack: no value
+    np.testing.assert_array_equal(got[1:-1], want)
+    np.testing.assert_array_equal(cal.b_calib(zq), got)  # the kept interpolant: same values
+    np.testing.assert_array_equal(cal.b_calib(zq, clamp=True)[[0, -1]], cal.blur[ok][[0, -1]])
+    # a new blur array (not an in-place edit) is picked up, not the kept curve
+    cal.blur = cal.blur + 1.0
+    np.testing.assert_allclose(cal.b_calib(zq)[1:-1], want + 1.0)
+
+
 def test_minimum_at_the_end_of_the_stack_is_refused():
     z = np.linspace(0, 100, 41)
     b, s = stack(z, shift=-20.0)
