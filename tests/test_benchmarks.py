@@ -86,3 +86,39 @@ def test_fig4_methods_option():
     ]
     with pytest.raises(SystemExit):
         p.parse_args(["--fig4-methods", "brent+sobel"])
+
+
+def test_summary_counts_converged_runs_whose_final_position_was_not_imaged():
+    from bluesky_deepfocus.benchmarks._harness import Trial, summarize
+
+    def trial(err: float, status: str, verified: bool) -> Trial:
+        return Trial(
+            "10x/0.3",
+            "text",
+            0,
+            "deepfocus",
+            "deepfocus",
+            (3, 3),
+            0.0,
+            10.0,
+            10.0 + err,
+            3,
+            status == "converged",
+            status,
+            0.1,
+            extra={"verified": verified},
+        )
+
+    s = summarize(
+        [
+            trial(0.1, "converged", True),
+            trial(0.2, "converged", False),
+            trial(-3.0, "converged", False),
+            trial(2.0, "converged", True),
+            trial(-10.0, "restored", False),  # a refusal is not a convergence, imaged or not
+        ]
+    )
+    assert s["refused"] == pytest.approx(0.2)
+    assert s["converged_wrong_1um"] == pytest.approx(0.4)
+    assert s["converged_unverified"] == pytest.approx(0.4)
+    assert s["unverified_wrong_1um"] == pytest.approx(0.2)

@@ -173,6 +173,9 @@ class Bench:
                 # where the search put focus, whether or not the plan moved there (the
                 # paper's algorithm always moves there)
                 "estimate": float(res.start_z + res.dz),
+                # an image at the final position (NaN sharpness there: the budget ran out
+                # before the estimate could be imaged, "not verified by an image")
+                "verified": bool(math.isfinite(res.sharpness_final)),
             },
         )
 
@@ -213,6 +216,10 @@ def summarize(trials: Sequence[Trial], dof: float | None = None) -> dict[str, fl
     ok = np.array([t.status == "converged" for t in trials])
     out["refused"] = float(np.mean(~ok))
     out["converged_wrong_1um"] = float(np.mean(ok & (e > 1.0)))
+    # converged without an image at the final position, and how many of those > 1 um off
+    seen = np.array([bool(t.extra.get("verified", True)) for t in trials])
+    out["converged_unverified"] = float(np.mean(ok & ~seen))
+    out["unverified_wrong_1um"] = float(np.mean(ok & ~seen & (e > 1.0)))
     est = np.array([t.extra.get("estimate", np.nan) - t.true_focus for t in trials])
     if np.all(np.isfinite(est)):
         out["mean_abs_estimate_um"] = float(np.abs(est).mean())

@@ -859,8 +859,8 @@ def _markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Autofocus benchmark (model {report['model'].get('model_id')}, sensor {report['sensor']} px, settings {json.dumps(report.get('settings') or {})})",
         "",
-        "| cell | mean abs err (um) | mean (DOF) | p95 | max | within 1 um | images mean/max | n | refused | converged >1 um off | field blank at focus | estimate err, moved or not (within 1 um) | blank fields: refused, start kept / focused anyway / total |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| cell | mean abs err (um) | mean (DOF) | p95 | max | within 1 um | images mean/max | n | refused | converged >1 um off | converged, final position not imaged (of which >1 um off) | field blank at focus | estimate err, moved or not (within 1 um) | blank fields: refused, start kept / focused anyway / total |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for rows in report["cells"].values():
         if isinstance(rows, list):
@@ -869,7 +869,9 @@ def _markdown(report: dict[str, Any]) -> str:
                     f"| {r['label']} | {r['mean_abs_um']:.3f} | {r.get('mean_abs_dof', float('nan')):.4f} | "
                     f"{r['p95_abs_um']:.3f} | {r['max_abs_um']:.3f} | {r['within_1um']:.2f} | "
                     f"{r['mean_images']:.1f}/{r['max_images']:.0f} | {int(r['n'])} | "
-                    f"{r['refused']:.2f} | {r['converged_wrong_1um']:.2f} | {r['blank_at_focus']:.2f} | "
+                    f"{r['refused']:.2f} | {r['converged_wrong_1um']:.2f} | "
+                    f"{r.get('converged_unverified', float('nan')):.2f} "
+                    f"({r.get('unverified_wrong_1um', float('nan')):.2f}) | {r['blank_at_focus']:.2f} | "
                     f"{r.get('mean_abs_estimate_um', float('nan')):.3f} ({r.get('estimate_within_1um', float('nan')):.2f}) | "
                     f"{r.get('blank_fields_restored', 0)} / {r.get('blank_fields_focused', 0)} / "
                     f"{r.get('blank_fields', 0)} |"
@@ -879,7 +881,9 @@ def _markdown(report: dict[str, Any]) -> str:
                         f"| &nbsp;&nbsp;{fam} | {f['mean_abs_um']:.3f} | {f.get('mean_abs_dof', float('nan')):.4f} | "
                         f"{f['p95_abs_um']:.3f} | {f['max_abs_um']:.3f} | {f['within_1um']:.2f} | "
                         f"{f['mean_images']:.1f}/{f['max_images']:.0f} | {int(f['n'])} | "
-                        f"{f['refused']:.2f} | {f['converged_wrong_1um']:.2f} | {f['blank_at_focus']:.2f} | "
+                        f"{f['refused']:.2f} | {f['converged_wrong_1um']:.2f} | "
+                        f"{f.get('converged_unverified', float('nan')):.2f} "
+                        f"({f.get('unverified_wrong_1um', float('nan')):.2f}) | {f['blank_at_focus']:.2f} | "
                         f"{f.get('mean_abs_estimate_um', float('nan')):.3f} ({f.get('estimate_within_1um', float('nan')):.2f}) | |"
                     )
     for name in ("tilt", "tiles", "timelapse", "overhead", "storage"):
