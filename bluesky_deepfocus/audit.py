@@ -48,6 +48,8 @@ HISTORY_COLUMNS = [
     "reason",
     "residual",
     "confidence",
+    "sharpness_start",
+    "sharpness_final",
     "calibration_uid",
     "objective",
     "model_id",
@@ -239,6 +241,8 @@ def _row(catalog: Any, uid: str, md: dict[str, Any]) -> dict[str, Any]:
         "reason": reason,
         "residual": _nan(summary.get("residual")),
         "confidence": _nan(summary.get("confidence")),
+        "sharpness_start": _nan(summary.get("sharpness_start")),
+        "sharpness_final": _nan(summary.get("sharpness_final")),
         "calibration_uid": settings.get("calibration_uid"),
         "objective": settings.get("objective"),
         "model_id": settings.get("model_id"),
@@ -271,7 +275,11 @@ def focus_history(
         Columns :data:`HISTORY_COLUMNS` (``time`` is UTC), sorted by time. ``status`` is
         ``"incomplete"`` for a run that stored no decision (e.g. cut short by a crash);
         ``summary_source`` says whether the decision came from the run metadata
-        (fast) or its result stream (fallback).
+        (fast) or its result stream (fallback). ``sharpness_start`` /
+        ``sharpness_final``: the plan's sharp local measure (log gradient energy) of the
+        images at the start and final positions; ``sharpness_final`` is NaN when the final
+        position was not imaged (an exact image budget spent before the estimate could be
+        checked: "not verified by an image" in ``reason``).
 
     Examples
     --------

@@ -75,6 +75,10 @@ def test_one_row_per_autofocus_run(history):
     assert list(failed["uid"]) == [history.uids[6]]
     assert failed["dz"].isna().all() and not failed["converged"].any()
     assert (failed["final_z"] == failed["start_z"]).all()
+    # the sharp local measure at the start and at the final position, as the run stored it
+    np.testing.assert_allclose(ok["sharpness_start"], 0.2)
+    np.testing.assert_allclose(ok["sharpness_final"], 0.9)
+    assert failed["sharpness_final"].isna().all()  # never imaged: NaN, not a number made up
     assert failed["reason"].iloc[0] == "no focus information in the images"
     assert set(df["objective"]) == {"10x/0.3", "20x/0.45"}
     assert (df["images_used"] == 3).all()
@@ -86,6 +90,7 @@ def test_summary_from_metadata_with_fallback_to_the_result_stream(history):
     plain = df.loc[history.plain_uid]
     assert plain["summary_source"] == "stream"
     assert plain["final_z"] == pytest.approx(3.0) and plain["status"] == "converged"
+    assert plain["sharpness_final"] == pytest.approx(0.9)  # from the result stream too
     assert SUMMARY_KEY not in history.catalog[history.plain_uid].metadata
 
 
