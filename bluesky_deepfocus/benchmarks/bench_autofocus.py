@@ -855,6 +855,21 @@ def _plot_fig4(path: Path, curves: dict[str, dict[str, list[float]]], objective:
     plt.close(fig)
 
 
+def _stat_columns(r: dict[str, Any]) -> str:
+    """The markdown columns of one :func:`._harness.summarize` row (a cell or one family
+    of it), from the mean error to the estimate's error."""
+    nan = float("nan")
+    return (
+        f"{r['mean_abs_um']:.3f} | {r.get('mean_abs_dof', nan):.4f} | "
+        f"{r['p95_abs_um']:.3f} | {r['max_abs_um']:.3f} | {r['within_1um']:.2f} | "
+        f"{r['mean_images']:.1f}/{r['max_images']:.0f} | {int(r['n'])} | "
+        f"{r['refused']:.2f} | {r['converged_wrong_1um']:.2f} | "
+        f"{r.get('converged_unverified', nan):.2f} ({r.get('unverified_wrong_1um', nan):.2f}) | "
+        f"{r['blank_at_focus']:.2f} | "
+        f"{r.get('mean_abs_estimate_um', nan):.3f} ({r.get('estimate_within_1um', nan):.2f})"
+    )
+
+
 def _markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Autofocus benchmark (model {report['model'].get('model_id')}, sensor {report['sensor']} px, settings {json.dumps(report.get('settings') or {})})",
@@ -866,26 +881,12 @@ def _markdown(report: dict[str, Any]) -> str:
         if isinstance(rows, list):
             for r in rows:
                 lines.append(
-                    f"| {r['label']} | {r['mean_abs_um']:.3f} | {r.get('mean_abs_dof', float('nan')):.4f} | "
-                    f"{r['p95_abs_um']:.3f} | {r['max_abs_um']:.3f} | {r['within_1um']:.2f} | "
-                    f"{r['mean_images']:.1f}/{r['max_images']:.0f} | {int(r['n'])} | "
-                    f"{r['refused']:.2f} | {r['converged_wrong_1um']:.2f} | "
-                    f"{r.get('converged_unverified', float('nan')):.2f} "
-                    f"({r.get('unverified_wrong_1um', float('nan')):.2f}) | {r['blank_at_focus']:.2f} | "
-                    f"{r.get('mean_abs_estimate_um', float('nan')):.3f} ({r.get('estimate_within_1um', float('nan')):.2f}) | "
+                    f"| {r['label']} | {_stat_columns(r)} | "
                     f"{r.get('blank_fields_restored', 0)} / {r.get('blank_fields_focused', 0)} / "
                     f"{r.get('blank_fields', 0)} |"
                 )
                 for fam, f in r.get("by_family", {}).items():
-                    lines.append(
-                        f"| &nbsp;&nbsp;{fam} | {f['mean_abs_um']:.3f} | {f.get('mean_abs_dof', float('nan')):.4f} | "
-                        f"{f['p95_abs_um']:.3f} | {f['max_abs_um']:.3f} | {f['within_1um']:.2f} | "
-                        f"{f['mean_images']:.1f}/{f['max_images']:.0f} | {int(f['n'])} | "
-                        f"{f['refused']:.2f} | {f['converged_wrong_1um']:.2f} | "
-                        f"{f.get('converged_unverified', float('nan')):.2f} "
-                        f"({f.get('unverified_wrong_1um', float('nan')):.2f}) | {f['blank_at_focus']:.2f} | "
-                        f"{f.get('mean_abs_estimate_um', float('nan')):.3f} ({f.get('estimate_within_1um', float('nan')):.2f}) | |"
-                    )
+                    lines.append(f"| &nbsp;&nbsp;{fam} | {_stat_columns(f)} | |")
     for name in ("tilt", "tiles", "timelapse", "overhead", "storage"):
         if name in report["cells"]:
             lines.append(f"\n- {name}: " + json.dumps(report["cells"][name], default=float))
