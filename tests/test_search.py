@@ -428,6 +428,66 @@ def test_straddle_ties_go_to_the_side_of_the_sharper_image(cal):
     assert s._sharpest_side(9.0, zs, pick, 0.5) == 0.0
 
 
+def _two_images(cal, probe: bool, focus: float = 15.0) -> DeepFocusSearch:
+    """A search told images at 0 and 18 um of a field in focus at ``focus`` (the one at 18
+    the sharper, and the outermost)."""
+    s = DeepFocusSearch(
+        cal,
+        start=0.0,
+        lo=-150,
+        hi=150,
+        max_images=4,
+        settings=DeepFocusSettings(probe_beyond_sharpest=probe),
+    )
+    for z in (0.0, 18.0):
+        obs = syn.observe(z, focus)
+        obs.gradient_sharpness = syn.gradient_sharpness(z, focus)
+        s.tell(obs)
+    return s
+
+
+def test_the_next_image_goes_beyond_the_sharpest_image_when_it_is_the_outermost(cal):
+    """The estimate (15 um) lies inside the sharper, outermost image (18 um), within a
+    straddle step of it: the next image goes a straddle step beyond that image, not
+    between the two (where the usual straddle of the estimate would put it)."""
+    delta = DeepFocusSettings().straddle_dof * cal.dof_um
+    on = _two_images(cal, probe=True)
+    f, sd, _ = on._refined()
+    assert abs(f - 15.0) < 0.5 and sd < delta
+    assert on.ask() == pytest.approx(18.0 + delta)
+    off = _two_images(cal, probe=False)
+    assert off.ask() == pytest.approx(f + delta)  # the usual straddle, inside 18 um
+
+
+def test_beyond_the_sharpest_image_only_when_it_is_outermost_clearly_sharpest_and_near(cal):
+    delta = DeepFocusSettings().straddle_dof * cal.dof_um
+    s = _two_images(cal, probe=True)
+    assert s._beyond_sharpest(15.0, 0.5) == pytest.approx(18.0 + delta)
+    assert s._beyond_sharpest(18.5, 0.5) == pytest.approx(18.0 + delta)  # just beyond it
+    assert s._beyond_sharpest(18.0 - 1.01 * delta, 0.5) is None  # estimate too far inside
+    assert s._beyond_sharpest(18.0 + 1.01 * delta, 0.5) is None  # already beyond: usual
+    assert s._beyond_sharpest(15.0, 1.01 * delta) is None  # posterior still wide
+    # the two images within the sharpness noise of each other: no sharpest image
+    g0 = s.observations[0].gradient_sharpness
+    s.observations[1].gradient_sharpness = g0 + 0.5 * s.s.order_sigma
+    assert s._beyond_sharpest(15.0, 0.5) is None
+    # an image beyond the sharpest one: it is not the outermost
+    s = _two_images(cal, probe=True)
+    beyond = syn.observe(30.0, 15.0)
+    beyond.gradient_sharpness = syn.gradient_sharpness(30.0, 15.0)
+    s.tell(beyond)
+    assert s._beyond_sharpest(15.0, 0.5) is None
+    # the frames' sharpness unused: nothing to go by
+    s = DeepFocusSearch(
+        cal, start=0.0, lo=-150, hi=150, settings=DeepFocusSettings(use_sharpness_order=False)
+    )
+    for z in (0.0, 18.0):
+        obs = syn.observe(z, 15.0)
+        obs.gradient_sharpness = syn.gradient_sharpness(z, 15.0)
+        s.tell(obs)
+    assert s._beyond_sharpest(15.0, 0.5) is None
+
+
 @pytest.mark.parametrize(
     ("family", "focus"),
     [("text", 7.0), ("smooth", -4.0), ("sparse_nuclei", 3.0), ("beads", -9.0), ("tissue", 0.0)],
