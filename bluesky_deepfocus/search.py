@@ -578,7 +578,8 @@ class DeepFocusSettings:
     # truth, inside the sharpest frame, with a tight sd. While the sharpest frame is the
     # outermost one and the estimate lies within a straddle step of it, image a straddle
     # step beyond it instead of refining inside: the sharpness order then tests the
-    # other side (this takes the place of the verify image when it is the last one)
+    # other side (this takes the place of the verify image when it is the last one; a
+    # posterior already below tol_dof stops or verifies first, as before)
     probe_beyond_sharpest: bool = True
 
     def __post_init__(self) -> None:
@@ -1148,7 +1149,9 @@ class DeepFocusSearch(Search):
         object (measured at 40x: estimates 0.4-3.4 um short, every image on one side). An
         image beyond it either is less sharp (the order then bounds the focus from that
         side too) or sharper (the order moves the estimate out). An estimate far from the
-        sharpest image, or still wide, is left to the usual placement."""
+        sharpest image, or still wide, is left to the usual placement; so is a position
+        beyond ``[lo, hi]`` or within 0.05 DOF of an image. :meth:`_propose` asks this only
+        after its stop test: a posterior already below ``tol_dof`` stops (or verifies)."""
         if not self.s.use_sharpness_order:
             return None
         obs = [o for o in self.observations if np.isfinite(o.gradient_sharpness)]

@@ -428,15 +428,17 @@ def test_straddle_ties_go_to_the_side_of_the_sharper_image(cal):
     assert s._sharpest_side(9.0, zs, pick, 0.5) == 0.0
 
 
-def _two_images(cal, probe: bool, focus: float = 15.0) -> DeepFocusSearch:
+def _two_images(
+    cal, probe: bool, focus: float = 15.0, *, hi: float = 150.0, max_images: int = 4
+) -> DeepFocusSearch:
     """A search told images at 0 and 18 um of a field in focus at ``focus`` (the one at 18
     the sharper, and the outermost)."""
     s = DeepFocusSearch(
         cal,
         start=0.0,
         lo=-150,
-        hi=150,
-        max_images=4,
+        hi=hi,
+        max_images=max_images,
         settings=DeepFocusSettings(probe_beyond_sharpest=probe),
     )
     for z in (0.0, 18.0):
@@ -457,6 +459,37 @@ def test_the_next_image_goes_beyond_the_sharpest_image_when_it_is_the_outermost(
     assert on.ask() == pytest.approx(18.0 + delta)
     off = _two_images(cal, probe=False)
     assert off.ask() == pytest.approx(f + delta)  # the usual straddle, inside 18 um
+
+
+def test_beyond_the_sharpest_image_takes_the_place_of_the_final_image_at_the_estimate(cal):
+    """With one image left the search would image its estimate; while the sharpest image
+    is the outermost one it images beyond it instead."""
+    delta = DeepFocusSettings().straddle_dof * cal.dof_um
+    on = _two_images(cal, probe=True, max_images=3)
+    f, _sd, _ = on._refined()
+    assert on.ask() == pytest.approx(18.0 + delta)
+    off = _two_images(cal, probe=False, max_images=3)
+    assert off.ask() == pytest.approx(f, abs=1e-9)  # the usual last image: the estimate
+
+
+def test_beyond_the_sharpest_image_never_past_the_bounds_nor_onto_an_image(cal):
+    delta = DeepFocusSettings().straddle_dof * cal.dof_um
+    # the image beyond would lie past hi: not proposed (no image clipped onto the bound)
+    s = _two_images(cal, probe=True, hi=18.0 + 0.5 * delta)
+    assert s._beyond_sharpest(15.0, 0.5) is None
+    z = s.ask()
+    assert z is not None and z <= s.hi and z != pytest.approx(s.hi)
+    # an image (with no sharpness known) already there: not imaged twice
+    s = _two_images(cal, probe=True)
+    s.tell(Observation(z=18.0 + delta))
+    assert s._beyond_sharpest(15.0, 0.5) is None
+    # mirrored: the sharpest image below the others -> beyond it is further down
+    m = DeepFocusSearch(cal, start=0.0, lo=-150, hi=150, max_images=4)
+    for z in (0.0, -18.0):
+        obs = syn.observe(z, -15.0)
+        obs.gradient_sharpness = syn.gradient_sharpness(z, -15.0)
+        m.tell(obs)
+    assert m._beyond_sharpest(-15.0, 0.5) == pytest.approx(-18.0 - delta)
 
 
 def test_beyond_the_sharpest_image_only_when_it_is_outermost_clearly_sharpest_and_near(cal):
