@@ -1138,6 +1138,18 @@ class DeepFocusSearch(Search):
             return 0.0
         return side
 
+    def _sharpest_image(self) -> tuple[Observation, NDArray, NDArray] | None:
+        """The sharpest image with a known sharpness, and the positions and sharpness of
+        the other such images; None with fewer than two."""
+        obs = [o for o in self.observations if np.isfinite(o.gradient_sharpness)]
+        if len(obs) < 2:
+            return None
+        best = max(obs, key=lambda o: o.gradient_sharpness)
+        others = [o for o in obs if o is not best]
+        zs = np.array([o.z for o in others])
+        gs = np.array([o.gradient_sharpness for o in others])
+        return best, zs, gs
+
     def _beyond_sharpest(self, f: float, sd: float) -> float | None:
         """A straddle step beyond the sharpest image when it is the outermost image (every
         other image with a known sharpness lies on one side of it, each less sharp by more
@@ -1152,17 +1164,12 @@ class DeepFocusSearch(Search):
         sharpest image, or still wide, is left to the usual placement; so is a position
         beyond ``[lo, hi]`` or within 0.05 DOF of an image. :meth:`_propose` asks this only
         after its stop test: a posterior already below ``tol_dof`` stops (or verifies)."""
-        if not self.s.use_sharpness_order:
+        sharpest = self._sharpest_image() if self.s.use_sharpness_order else None
+        if sharpest is None:
             return None
-        obs = [o for o in self.observations if np.isfinite(o.gradient_sharpness)]
-        if len(obs) < 2:
+        best, zo, go = sharpest
+        if best.gradient_sharpness - go.max() <= self.s.order_sigma:
             return None
-        best = max(obs, key=lambda o: o.gradient_sharpness)
-        others = [o for o in obs if o is not best]
-        margin = best.gradient_sharpness - max(o.gradient_sharpness for o in others)
-        if margin <= self.s.order_sigma:
-            return None
-        zo = np.array([o.z for o in others])
         if np.all(zo < best.z):
             side = 1.0
         elif np.all(zo > best.z):
@@ -1187,11 +1194,10 @@ class DeepFocusSearch(Search):
         misdescribing this specimen): step from the sharpest image away from the blurrier
         ones, by 1.6x its distance to the nearest of them (at least ``explore_dof`` DOF),
         as a bracketing search on the frames' own sharpness would."""
-        obs = [o for o in self.observations if np.isfinite(o.gradient_sharpness)]
-        if len(obs) < 2:
+        sharpest = self._sharpest_image()
+        if sharpest is None:
             return None
-        best = max(obs, key=lambda o: o.gradient_sharpness)
-        others = np.array([o.z for o in obs if o is not best])
+        best, others, _ = sharpest
         below, above = others[others < best.z], others[others > best.z]
         if len(below) and len(above):
             return None  # bracketed: the straddle placement refines inside the bracket

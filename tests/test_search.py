@@ -429,19 +429,26 @@ def test_straddle_ties_go_to_the_side_of_the_sharper_image(cal):
 
 
 def _two_images(
-    cal, probe: bool, focus: float = 15.0, *, hi: float = 150.0, max_images: int = 4
+    cal,
+    probe: bool = True,
+    focus: float = 15.0,
+    *,
+    zs: tuple[float, ...] = (0.0, 18.0),
+    hi: float = 150.0,
+    max_images: int = 4,
+    **settings,
 ) -> DeepFocusSearch:
-    """A search told images at 0 and 18 um of a field in focus at ``focus`` (the one at 18
-    the sharper, and the outermost)."""
+    """A search told images at ``zs`` (default 0 and 18 um: the one at 18 the sharper, and
+    the outermost) of a field in focus at ``focus``, with their gradient sharpness."""
     s = DeepFocusSearch(
         cal,
         start=0.0,
         lo=-150,
         hi=hi,
         max_images=max_images,
-        settings=DeepFocusSettings(probe_beyond_sharpest=probe),
+        settings=DeepFocusSettings(probe_beyond_sharpest=probe, **settings),
     )
-    for z in (0.0, 18.0):
+    for z in zs:
         obs = syn.observe(z, focus)
         obs.gradient_sharpness = syn.gradient_sharpness(z, focus)
         s.tell(obs)
@@ -484,11 +491,7 @@ def test_beyond_the_sharpest_image_never_past_the_bounds_nor_onto_an_image(cal):
     s.tell(Observation(z=18.0 + delta))
     assert s._beyond_sharpest(15.0, 0.5) is None
     # mirrored: the sharpest image below the others -> beyond it is further down
-    m = DeepFocusSearch(cal, start=0.0, lo=-150, hi=150, max_images=4)
-    for z in (0.0, -18.0):
-        obs = syn.observe(z, -15.0)
-        obs.gradient_sharpness = syn.gradient_sharpness(z, -15.0)
-        m.tell(obs)
+    m = _two_images(cal, focus=-15.0, zs=(0.0, -18.0))
     assert m._beyond_sharpest(-15.0, 0.5) == pytest.approx(-18.0 - delta)
 
 
@@ -505,19 +508,10 @@ def test_beyond_the_sharpest_image_only_when_it_is_outermost_clearly_sharpest_an
     s.observations[1].gradient_sharpness = g0 + 0.5 * s.s.order_sigma
     assert s._beyond_sharpest(15.0, 0.5) is None
     # an image beyond the sharpest one: it is not the outermost
-    s = _two_images(cal, probe=True)
-    beyond = syn.observe(30.0, 15.0)
-    beyond.gradient_sharpness = syn.gradient_sharpness(30.0, 15.0)
-    s.tell(beyond)
+    s = _two_images(cal, zs=(0.0, 18.0, 30.0))
     assert s._beyond_sharpest(15.0, 0.5) is None
     # the frames' sharpness unused: nothing to go by
-    s = DeepFocusSearch(
-        cal, start=0.0, lo=-150, hi=150, settings=DeepFocusSettings(use_sharpness_order=False)
-    )
-    for z in (0.0, 18.0):
-        obs = syn.observe(z, 15.0)
-        obs.gradient_sharpness = syn.gradient_sharpness(z, 15.0)
-        s.tell(obs)
+    s = _two_images(cal, use_sharpness_order=False)
     assert s._beyond_sharpest(15.0, 0.5) is None
 
 
