@@ -479,6 +479,28 @@ def test_beyond_the_sharpest_image_takes_the_place_of_the_final_image_at_the_est
     assert off.ask() == pytest.approx(f, abs=1e-9)  # the usual last image: the estimate
 
 
+def test_the_last_image_goes_to_the_estimate_while_no_frame_shows_detail(cal):
+    """A result needs a frame with detail above the camera noise (``min_detail_share``):
+    while none has it, the last image goes to the estimate, where detail is likeliest,
+    not beyond the sharpest image; with images left, or with detail seen, it goes beyond."""
+    delta = DeepFocusSettings().straddle_dof * cal.dof_um
+
+    def with_detail(share: float, max_images: int) -> DeepFocusSearch:
+        s = _two_images(cal, probe=True, max_images=max_images)
+        top = max(o.gradient_sharpness for o in s.observations)
+        for o in s.observations:  # the sharpest frame stands ``share`` above its floor
+            o.sharpness_floor = top - math.log1p(share)
+        return s
+
+    low = 0.5 * DeepFocusSettings().min_detail_share
+    s = with_detail(low, max_images=3)
+    assert s._detail_share() == pytest.approx(low)
+    f, _sd, _ = s._refined()
+    assert s.ask() == pytest.approx(f, abs=1e-9)  # the last image: the estimate
+    assert with_detail(low, max_images=4).ask() == pytest.approx(18.0 + delta)  # one more left
+    assert with_detail(2 * low + 0.2, max_images=3).ask() == pytest.approx(18.0 + delta)
+
+
 def test_beyond_the_sharpest_image_never_past_the_bounds_nor_onto_an_image(cal):
     delta = DeepFocusSettings().straddle_dof * cal.dof_um
     # the image beyond would lie past hi: not proposed (no image clipped onto the bound)
