@@ -581,6 +581,14 @@ class DeepFocusSettings:
     # other side (this takes the place of the verify image when it is the last one; a
     # posterior already below tol_dof stops or verifies first, as before)
     probe_beyond_sharpest: bool = True
+    # in a conflict (order_conflict), the frames' own sharpness curve overrules the
+    # spectra and the CNN when it alone locates the focus (sd <= converged_dof) and images
+    # lie within bracket_dof of its mode on both sides, wherever the combined estimate
+    # sits; without images around it, only when the estimate is already within 2 sd of
+    # it. A specimen the spectra misdescribe pulls the combined estimate between the two
+    # (a smooth field at 10x: spectra 6 um short, sharpness fit and CNN within 0.2 um of
+    # the truth, images 2 um and 5 um either side of it) and was refused
+    overrule_when_bracketed: bool = True
 
     def __post_init__(self) -> None:
         if self.focus_at not in ("detail", "centre"):
@@ -1244,10 +1252,19 @@ class DeepFocusSearch(Search):
 
     def _sharpness_overrules(self, info: dict[str, float]) -> bool:
         """In a conflict, the frames' own sharpness curve (order + symmetric fit) locates
-        the focus by itself (sd <= ``converged_dof``) and the estimate lies within 2 sd of
-        it: the spectra/CNN misdescribe the specimen, the frames do not -- the estimate
-        is then the sharpness's (see :meth:`_refined_now`)."""
-        return self._raw_conflict(info) and self._sharpness_confirms(info)
+        the focus by itself (sd <= ``converged_dof``) and either the estimate lies within
+        2 sd of it or (``overrule_when_bracketed``) images within ``bracket_dof`` on both
+        sides of its mode pin it down: the spectra/CNN misdescribe the specimen, the
+        frames do not -- the estimate is then the sharpness's (see :meth:`_refined_now`)."""
+        if not self._raw_conflict(info):
+            return False
+        if self._sharpness_confirms(info):
+            return True
+        return bool(
+            self.s.overrule_when_bracketed
+            and info.get("sharp_sd", math.inf) <= self.s.converged_dof * self.dof
+            and self._bracketed(info["sharp_mode"])
+        )
 
     def _sharpness_confirms(self, info: dict[str, float]) -> bool:
         """The frames' own sharpness curve alone locates the focus (sd <= ``converged_dof``)

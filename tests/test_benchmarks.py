@@ -122,3 +122,25 @@ def test_summary_counts_converged_runs_whose_final_position_was_not_imaged():
     assert s["converged_wrong_1um"] == pytest.approx(0.4)
     assert s["converged_unverified"] == pytest.approx(0.4)
     assert s["unverified_wrong_1um"] == pytest.approx(0.2)
+
+
+def test_seeds_option_runs_a_cell_once_per_seed_and_pools_them(tmp_path):
+    """``--seeds``: a row per seed (each the cell's draw for that seed) and one of all
+    their trials together; the default keeps the cell's single row and its own seed."""
+    import json
+
+    from bluesky_deepfocus.benchmarks.bench_autofocus import build_parser, run
+
+    args = build_parser().parse_args(
+        ["--cells", "obj40", "--trials", "1", "--cal-num", "41", "--seeds", "5", "6"]
+        + ["--out", str(tmp_path)]
+    )
+    run(args)
+    rows = json.loads((tmp_path / "autofocus_benchmark.json").read_text())["cells"]["obj40"]
+    labels = [r["label"] for r in rows]
+    assert labels[0].endswith("seed 5") and labels[1].endswith("seed 6")
+    assert labels[2].endswith("seeds 5, 6 together")
+    assert rows[2]["n"] == rows[0]["n"] + rows[1]["n"] == 2
+    pooled = (rows[0]["mean_abs_um"] + rows[1]["mean_abs_um"]) / 2
+    assert rows[2]["mean_abs_um"] == pytest.approx(pooled)
+    assert build_parser().parse_args([]).seeds is None

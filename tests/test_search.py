@@ -392,6 +392,53 @@ def test_the_specimens_own_sharpness_curve_locates_focus_the_calibration_misses(
     assert "own sharpness curve" in fit.reason
 
 
+@pytest.mark.parametrize("cal_focus", [2.0, 4.0, 8.0, 12.0])
+def test_a_sharpness_curve_bracketed_by_images_overrules_a_moderately_wrong_match(cal_focus):
+    """Spectra and CNN that put the focus 0.2-1 DOF off: the combined estimate sits between
+    them and the frames' own sharpness, more than 2 of its sd from the latter, and was
+    refused; with images within ``bracket_dof`` on both sides of the sharpness curve's
+    mode, that curve alone locates the focus, and the estimate is the sharpness's."""
+    zs = [-20.0, 12.0, -6.0, 5.0, 1.0]
+    old = _misleading(cal_focus, 0.0, zs, sharpness_fit_sigma=0.1, overrule_when_bracketed=False)
+    assert not old.converged and abs(old.z_focus) > 0.5, old  # the trap
+    new = _misleading(cal_focus, 0.0, zs, sharpness_fit_sigma=0.1)
+    assert new.converged, new
+    assert abs(new.z_focus) < 0.01 * syn.DOF, new
+    assert new.details.get("from_sharpness") == 1.0
+    assert "own sharpness curve" in new.reason
+
+
+def test_the_sharpness_curve_overrules_only_in_a_conflict_when_tight_and_bracketed(cal):
+    """The rule's conditions one by one, on a search with images at -20, -6, 1, 5, 12 um
+    (bracket_dof 1.5 DOF = 17 um): a conflict, a sharpness sd within converged_dof, and
+    images within bracket_dof on both sides of the sharpness mode."""
+
+    def search(**settings):
+        s = DeepFocusSearch(
+            cal, start=0.0, lo=-150, hi=150, settings=DeepFocusSettings(**settings)
+        )
+        for z in (-20.0, 12.0, -6.0, 5.0, 1.0):
+            s.tell(Observation(z=z, gradient_sharpness=-abs(z) / 10))
+        return s
+
+    s = search()
+    tight = 0.5 * s.s.converged_dof * s.dof
+    info = {"order_penalty": 50.0, "order_cost": 0.0, "f": 4.0, "sharp_mode": 0.0}
+    assert s._sharpness_overrules({**info, "sharp_sd": tight})
+    assert not s._sharpness_overrules({**info, "sharp_sd": 1.1 * s.s.converged_dof * s.dof})
+    assert not s._sharpness_overrules({**info, "sharp_sd": tight, "order_penalty": 1.0})
+    # images on one side of the mode only: 30 um (the nearest below is 18 um away), -25 um
+    assert not s._sharpness_overrules({**info, "sharp_sd": tight, "sharp_mode": 30.0})
+    assert not s._sharpness_overrules({**info, "sharp_sd": tight, "sharp_mode": -25.0})
+    assert not search(overrule_when_bracketed=False)._sharpness_overrules(
+        {**info, "sharp_sd": tight}
+    )
+    # an estimate within 2 sd of the sharpness mode: overruled without the bracket
+    assert search(overrule_when_bracketed=False)._sharpness_overrules(
+        {**info, "sharp_sd": tight, "f": 30.0 + 0.5 * tight, "sharp_mode": 30.0}
+    )
+
+
 def test_the_sharpness_fit_leaves_out_frames_at_the_noise_floor(cal):
     """Frames whose gradient energy is (almost) all camera noise carry no shape: with
     fewer than 4 frames above ``floor_rel`` of the floor the fit adds nothing; frames
