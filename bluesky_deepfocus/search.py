@@ -582,10 +582,10 @@ class DeepFocusSettings:
     # posterior already below tol_dof stops or verifies first, as before)
     probe_beyond_sharpest: bool = True
     # in a conflict (order_conflict), the frames' own sharpness curve overrules the
-    # spectra and the CNN when it alone locates the focus (sd <= converged_dof) and images
-    # lie within bracket_dof of its mode on both sides, wherever the combined estimate
-    # sits; without images around it, only when the estimate is already within 2 sd of
-    # it. A specimen the spectra misdescribe pulls the combined estimate between the two
+    # spectra and the CNN when it alone locates the focus (sd <= converged_dof, its
+    # posterior wholly inside the window around the estimate) and images lie within
+    # bracket_dof of its mode on both sides, wherever the combined estimate sits;
+    # without images around it, only when the estimate is already within 2 sd of it. A specimen the spectra misdescribe pulls the combined estimate between the two
     # (a smooth field at 10x: spectra 6 um short, sharpness fit and CNN within 0.2 um of
     # the truth, images 2 um and 5 um either side of it) and was refused
     overrule_when_bracketed: bool = True
@@ -913,6 +913,10 @@ class DeepFocusSearch(Search):
             q /= q.sum()
             qm = float((q * grid).sum())
             info["sharp_mode"] = float(grid[int(np.argmax(q))])
+            # the curve falls off by chi^2 > 9 at both ends of ``grid``: its mode and sd are
+            # not those of a part cut off by a window (the fine grid of _refined_now)
+            edge = min(float(sharp[0]), float(sharp[-1])) - float(sharp.min())
+            info["sharp_contained"] = float(edge > 9.0)
             info["sharp_sd"] = max(
                 float(math.sqrt(max((q * (grid - qm) ** 2).sum(), 0.0))), step / math.sqrt(12)
             )
@@ -976,6 +980,9 @@ class DeepFocusSearch(Search):
             if self._sharpness_overrules(info2):
                 f2, sd2 = info2["sharp_mode"], info2["sharp_sd"]
                 info2["from_sharpness"] = 1.0
+                # the estimate is now the sharpness's (what _sharpness_confirms and the
+                # result's reason test); the combined one is kept for the record
+                info2["combined_f"], info2["f"] = info2["f"], f2
             # keep the wide sd when the coarse posterior is multimodal
             return f2, max(sd2, sd if sd > half / 3 else sd2), info2
         info["order_penalty"] = info["base_at_mode"] - info["base_min"]
@@ -1171,7 +1178,8 @@ class DeepFocusSearch(Search):
         side too) or sharper (the order moves the estimate out). An estimate far from the
         sharpest image, or still wide, is left to the usual placement; so is a position
         beyond ``[lo, hi]`` or within 0.05 DOF of an image, and the last image while no
-        frame yet shows ``min_detail_share`` detail (it goes to the estimate).
+        frame yet shows ``min_detail_share`` detail (with ``verify`` it goes to the
+        estimate).
         :meth:`_propose` asks this only after its stop test: a posterior already below
         ``tol_dof`` stops (or verifies)."""
         sharpest = self._sharpest_image() if self.s.use_sharpness_order else None
@@ -1193,7 +1201,7 @@ class DeepFocusSearch(Search):
             # the last image, and no frame yet shows the detail a result needs (see
             # ``min_detail_share`` in :meth:`result`): an image beyond would leave the
             # estimate refused unless it happens to show it; the estimate is where detail
-            # is likeliest (measured at 40x: a beads field 0.7 DOF from focus refused,
+            # is likeliest (the usual placement images it with ``verify``) (measured at 40x: a beads field 0.7 DOF from focus refused,
             # its estimate 0.05 um off, after its last image went 1.4 DOF out)
             return None
         z = best.z + side * delta
@@ -1253,9 +1261,12 @@ class DeepFocusSearch(Search):
     def _sharpness_overrules(self, info: dict[str, float]) -> bool:
         """In a conflict, the frames' own sharpness curve (order + symmetric fit) locates
         the focus by itself (sd <= ``converged_dof``) and either the estimate lies within
-        2 sd of it or (``overrule_when_bracketed``) images within ``bracket_dof`` on both
-        sides of its mode pin it down: the spectra/CNN misdescribe the specimen, the
-        frames do not -- the estimate is then the sharpness's (see :meth:`_refined_now`)."""
+        2 sd of it or (``overrule_when_bracketed``) there are images within
+        ``bracket_dof`` on both sides of its mode and the curve's posterior lies wholly
+        inside the window it was computed on (``sharp_contained``: not a mode at the edge
+        of a window that cut the real peak off): the spectra/CNN misdescribe the
+        specimen, the frames do not -- the estimate is then the sharpness's (see
+        :meth:`_refined_now`)."""
         if not self._raw_conflict(info):
             return False
         if self._sharpness_confirms(info):
@@ -1263,6 +1274,7 @@ class DeepFocusSearch(Search):
         return bool(
             self.s.overrule_when_bracketed
             and info.get("sharp_sd", math.inf) <= self.s.converged_dof * self.dof
+            and info.get("sharp_contained", 0.0) == 1.0
             and self._bracketed(info["sharp_mode"])
         )
 

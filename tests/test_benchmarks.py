@@ -125,17 +125,14 @@ def test_summary_counts_converged_runs_whose_final_position_was_not_imaged():
 
 
 def test_seeds_option_runs_a_cell_once_per_seed_and_pools_them(tmp_path):
-    """``--seeds``: a row per seed (each the cell's draw for that seed) and one of all
-    their trials together; the default keeps the cell's single row and its own seed."""
+    """``--seeds`` on the command line: a row per seed (each the cell's draw for that
+    seed) and one of all their trials together."""
     import json
 
     from bluesky_deepfocus.benchmarks.bench_autofocus import build_parser, run
 
-    args = build_parser().parse_args(
-        ["--cells", "obj40", "--trials", "1", "--cal-num", "41", "--seeds", "5", "6"]
-        + ["--out", str(tmp_path)]
-    )
-    run(args)
+    argv = ["--cells", "obj40", "--trials", "1", "--cal-num", "41", "--seeds", "5", "6"]
+    run(build_parser().parse_args([*argv, "--out", str(tmp_path)]))
     rows = json.loads((tmp_path / "autofocus_benchmark.json").read_text())["cells"]["obj40"]
     labels = [r["label"] for r in rows]
     assert labels[0].endswith("seed 5") and labels[1].endswith("seed 6")
@@ -144,3 +141,47 @@ def test_seeds_option_runs_a_cell_once_per_seed_and_pools_them(tmp_path):
     pooled = (rows[0]["mean_abs_um"] + rows[1]["mean_abs_um"]) / 2
     assert rows[2]["mean_abs_um"] == pytest.approx(pooled)
     assert build_parser().parse_args([]).seeds is None
+
+
+def test_seeded_rows_label_every_seed_and_keep_the_default_row():
+    """Without ``--seeds`` the cell's one row keeps its label and its own seed; with one
+    seed the row says which; a seed given twice runs once."""
+    from bluesky_deepfocus.benchmarks._harness import Trial
+    from bluesky_deepfocus.benchmarks.bench_autofocus import _seeded_rows
+
+    ran: list[int] = []
+
+    def trials_for(seed: int) -> list[Trial]:
+        ran.append(seed)
+        return [
+            Trial(
+                "10x/0.3",
+                "text",
+                seed,
+                "deepfocus",
+                "deepfocus",
+                (3, 3),
+                0.0,
+                0.0,
+                0.1 * seed,
+                3,
+                True,
+                "converged",
+                0.0,
+            )
+        ]
+
+    (row,) = _seeded_rows("cell", None, 5, 1.0, trials_for)
+    assert row["label"] == "cell" and ran == [5]
+    ran.clear()
+    (row,) = _seeded_rows("cell", [7], 5, 1.0, trials_for)
+    assert row["label"] == "cell, seed 7" and ran == [7]
+    ran.clear()
+    rows = _seeded_rows("cell", [6, 7, 6], 5, 1.0, trials_for)
+    assert ran == [6, 7]
+    assert [r["label"] for r in rows] == [
+        "cell, seed 6",
+        "cell, seed 7",
+        "cell, seeds 6, 7 together",
+    ]
+    assert rows[2]["n"] == 2

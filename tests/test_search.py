@@ -408,10 +408,35 @@ def test_a_sharpness_curve_bracketed_by_images_overrules_a_moderately_wrong_matc
     assert "own sharpness curve" in new.reason
 
 
+def test_a_sharpness_mode_cut_off_by_the_window_does_not_overrule():
+    """The fine window around a combined estimate pulled 9 um off can end before the
+    sharpness curve's peak (at 0): the part inside it has its mode at the window's edge
+    (-1.76 um) and a small sd. That is no location of the focus: not overruled, not
+    converged there (found by a review's random search)."""
+    zs = [-12.3, -5.6, 11.4, 14.4, 19.1, 24.9]
+    res = _misleading(-8.8, 0.0, zs, sharpness_fit_sigma=0.1)
+    assert res.details.get("sharp_contained") == 0.0, res.details
+    assert res.details.get("from_sharpness") != 1.0, res
+    assert not res.converged, res
+
+
+def test_an_overruling_sharpness_curve_is_not_refused_for_the_spectras_misfit():
+    """Once the sharpness curve overrules, the estimate is its mode (``details["f"]``, the
+    combined one kept as ``combined_f``): spectra that misfit the table are no reason to
+    refuse it, as for an estimate the curve confirms."""
+    zs = [-20.0, 12.0, -6.0, 5.0, 1.0]
+    res = _misleading(8.0, 0.0, zs, sharpness_fit_sigma=0.1, misfit_chi2=1.0)
+    assert res.details["spec_chi2_red"] > 1.0
+    assert res.converged and abs(res.z_focus) < 0.01 * syn.DOF, res
+    assert res.details["f"] == res.z_focus and abs(res.details["combined_f"]) > 0.5
+    assert "own sharpness curve" in res.reason
+
+
 def test_the_sharpness_curve_overrules_only_in_a_conflict_when_tight_and_bracketed(cal):
     """The rule's conditions one by one, on a search with images at -20, -6, 1, 5, 12 um
-    (bracket_dof 1.5 DOF = 17 um): a conflict, a sharpness sd within converged_dof, and
-    images within bracket_dof on both sides of the sharpness mode."""
+    (bracket_dof 1.5 DOF = 17 um): a conflict, a sharpness sd within converged_dof, the
+    sharpness posterior inside its window, and images within bracket_dof on both sides of
+    the sharpness mode."""
 
     def search(**settings):
         s = DeepFocusSearch(
@@ -424,7 +449,9 @@ def test_the_sharpness_curve_overrules_only_in_a_conflict_when_tight_and_bracket
     s = search()
     tight = 0.5 * s.s.converged_dof * s.dof
     info = {"order_penalty": 50.0, "order_cost": 0.0, "f": 4.0, "sharp_mode": 0.0}
+    info["sharp_contained"] = 1.0
     assert s._sharpness_overrules({**info, "sharp_sd": tight})
+    assert not s._sharpness_overrules({**info, "sharp_sd": tight, "sharp_contained": 0.0})
     assert not s._sharpness_overrules({**info, "sharp_sd": 1.1 * s.s.converged_dof * s.dof})
     assert not s._sharpness_overrules({**info, "sharp_sd": tight, "order_penalty": 1.0})
     # images on one side of the mode only: 30 um (the nearest below is 18 um away), -25 um

@@ -55,7 +55,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -179,6 +179,29 @@ def _row(label: str, trials: list[Trial], dof: float) -> dict[str, Any]:
             f: dict(summarize([t for t in trials if t.family == f], dof)) for f in fams
         }
     return s
+
+
+def _seeded_rows(
+    label: str,
+    seeds: Sequence[int] | None,
+    default_seed: int,
+    dof: float,
+    trials_for: Callable[[int], list[Trial]],
+) -> list[dict[str, Any]]:
+    """A cell's rows: without ``seeds`` one row of its own seed's trials, labelled as
+    always; with them a row per distinct seed (``label, seed N``) and, with several, one
+    of all their trials together."""
+    if not seeds:
+        return [_row(label, trials_for(default_seed), dof)]
+    rows, pooled = [], []
+    for seed in dict.fromkeys(seeds):  # each seed once, in the order given
+        tr = trials_for(seed)
+        pooled += tr
+        rows.append(_row(f"{label}, seed {seed}", tr, dof))
+    if len(rows) > 1:
+        names = ", ".join(str(seed) for seed in dict.fromkeys(seeds))
+        rows.append(_row(f"{label}, seeds {names} together", pooled, dof))
+    return rows
 
 
 #: the methods of the Fig. 4 cell: ours, the paper's algorithm, and bounded Brent on three
@@ -335,19 +358,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
 
     def seeded(label: str, default_seed: int, dof: float, **kw: Any) -> list[dict[str, Any]]:
-        """The cell's rows: one per seed of ``--seeds`` (default: the cell's own) and, with
-        several, one of all their trials together."""
-        seeds = args.seeds or [default_seed]
-        if len(seeds) == 1:
-            return [_row(label, _trials(bench, scorer=scorer, seed=seeds[0], **kw), dof)]
-        rows, pooled = [], []
-        for sd in seeds:
-            tr = _trials(bench, scorer=scorer, seed=sd, **kw)
-            pooled += tr
-            rows.append(_row(f"{label}, seed {sd}", tr, dof))
-        names = ", ".join(str(sd) for sd in seeds)
-        rows.append(_row(f"{label}, seeds {names} together", pooled, dof))
-        return rows
+        return _seeded_rows(
+            label,
+            args.seeds,
+            default_seed,
+            dof,
+            lambda seed: _trials(bench, scorer=scorer, seed=seed, **kw),
+        )
 
     if "near" in cells:
         record(
