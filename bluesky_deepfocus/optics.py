@@ -26,10 +26,11 @@ for a 10x/0.3 objective at lambda = 0.49 um (11.3 um at our default 0.52 um) (Sh
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -364,7 +365,15 @@ def widefield_psf(
     return np.asarray(inten, dtype=np.float64)
 
 
-@lru_cache(maxsize=256)
+#: the PSF cache's bounds: at most this many PSFs and this many bytes in all. PSFs far out
+#: of focus at high NA are large (a 40x/0.75 PSF 40 um out is ~9 MB, 150 um out ~30 MB):
+#: with a count alone a long benchmark's process held 10 GB of them and was killed
+PSF_CACHE_ENTRIES = 256
+PSF_CACHE_BYTES = 512 * 2**20
+_psf_cache: OrderedDict[tuple[Any, ...], FloatArray] = OrderedDict()
+_psf_cache_lock = threading.Lock()
+
+
 def _cached_psf(
     defocus_um: float,
     na: float,
@@ -374,6 +383,14 @@ def _cached_psf(
     zernike_items: tuple[tuple[int, float], ...],
     size: int | None,
 ) -> FloatArray:
+    """:func:`widefield_psf`, read-only, kept in a least-recently-used cache bounded by
+    :data:`PSF_CACHE_ENTRIES` and :data:`PSF_CACHE_BYTES` (the newest PSF is always kept)."""
+    key = (defocus_um, na, wavelength_um, pixel_size_um, immersion_index, zernike_items, size)
+    with _psf_cache_lock:
+        hit = _psf_cache.get(key)
+        if hit is not None:
+            _psf_cache.move_to_end(key)
+            return hit
     out = widefield_psf(
         defocus_um,
         na=na,
@@ -384,7 +401,22 @@ def _cached_psf(
         size=size,
     )
     out.setflags(write=False)
+    with _psf_cache_lock:
+        _psf_cache[key] = out
+        _psf_cache.move_to_end(key)
+        total = sum(a.nbytes for a in _psf_cache.values())
+        while len(_psf_cache) > 1 and (
+            len(_psf_cache) > PSF_CACHE_ENTRIES or total > PSF_CACHE_BYTES
+        ):
+            _, old = _psf_cache.popitem(last=False)
+            total -= old.nbytes
     return out
+
+
+def psf_cache_bytes() -> int:
+    """Bytes held by the PSF cache (see :data:`PSF_CACHE_BYTES`)."""
+    with _psf_cache_lock:
+        return sum(a.nbytes for a in _psf_cache.values())
 
 
 def objective_psf(

@@ -537,3 +537,32 @@ def test_camera_with_a_seeded_rng_is_reproducible():
 def test_camera_refuses_a_bad_exposure(exposure):
     with pytest.raises(ValueError, match=r"exposure_ms=.* must be a finite value >= 0"):
         CameraModel().expose(np.ones((4, 4)), exposure)
+
+
+def test_the_psf_cache_is_bounded_in_bytes_and_keeps_results_exact(monkeypatch):
+    """PSFs far out of focus at high NA are tens of MB: the cache holds at most
+    ``PSF_CACHE_BYTES`` (the newest PSF always), least recently used out first, and a
+    cached PSF is the one computed afresh."""
+    from bluesky_deepfocus import optics
+
+    monkeypatch.setattr(optics, "_psf_cache", optics.OrderedDict())
+    obj = get_objective("40x/0.75")
+    first = objective_psf(obj, 20.0)
+    monkeypatch.setattr(optics, "PSF_CACHE_BYTES", int(2.5 * first.nbytes))
+    for z in (20.0, 20.5, 21.0, 21.5):
+        objective_psf(obj, z)
+    assert optics.psf_cache_bytes() <= optics.PSF_CACHE_BYTES
+    assert 1 <= len(optics._psf_cache) < 4
+    assert objective_psf(obj, 21.5) is objective_psf(obj, 21.5)  # the newest kept
+    fresh = widefield_psf(
+        21.5,
+        na=obj.na,
+        wavelength_um=obj.wavelength_um,
+        pixel_size_um=obj.pixel_size_um,
+        immersion_index=obj.immersion_index,
+    )
+    np.testing.assert_array_equal(objective_psf(obj, 21.5), fresh)
+    # one PSF larger than the whole budget is still kept (alone) and returned
+    monkeypatch.setattr(optics, "PSF_CACHE_BYTES", 1)
+    big = objective_psf(obj, 30.0)
+    assert list(optics._psf_cache.values()) == [big]
