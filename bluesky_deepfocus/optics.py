@@ -404,7 +404,7 @@ def _cached_psf(
     with _psf_cache_lock:
         _psf_cache[key] = out
         _psf_cache.move_to_end(key)
-        total = sum(a.nbytes for a in _psf_cache.values())
+        total = _psf_bytes()
         while len(_psf_cache) > 1 and (
             len(_psf_cache) > PSF_CACHE_ENTRIES or total > PSF_CACHE_BYTES
         ):
@@ -413,10 +413,14 @@ def _cached_psf(
     return out
 
 
+def _psf_bytes() -> int:
+    return sum(a.nbytes for a in _psf_cache.values())  # the caller holds the lock
+
+
 def psf_cache_bytes() -> int:
     """Bytes held by the PSF cache (see :data:`PSF_CACHE_BYTES`)."""
     with _psf_cache_lock:
-        return sum(a.nbytes for a in _psf_cache.values())
+        return _psf_bytes()
 
 
 def objective_psf(

@@ -193,13 +193,14 @@ def _seeded_rows(
     of all their trials together."""
     if not seeds:
         return [_row(label, trials_for(default_seed), dof)]
+    distinct = list(dict.fromkeys(seeds))  # each seed once, in the order given
     rows, pooled = [], []
-    for seed in dict.fromkeys(seeds):  # each seed once, in the order given
+    for seed in distinct:
         tr = trials_for(seed)
         pooled += tr
         rows.append(_row(f"{label}, seed {seed}", tr, dof))
     if len(rows) > 1:
-        names = ", ".join(str(seed) for seed in dict.fromkeys(seeds))
+        names = ", ".join(str(seed) for seed in distinct)
         rows.append(_row(f"{label}, seeds {names} together", pooled, dof))
     return rows
 
