@@ -185,3 +185,52 @@ def test_seeded_rows_label_every_seed_and_keep_the_default_row():
         "cell, seeds 6, 7 together",
     ]
     assert rows[2]["n"] == 2
+
+
+def test_a_benchmark_worker_exits_when_its_parent_is_killed(tmp_path):
+    """The Fig. 4 workers watch their parent (exit_with_parent): a benchmark killed by
+    its main process leaves no worker running."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pidfile = tmp_path / "child.pid"
+    # parent: starts a child that watches it, then sleeps until killed
+    parent_code = (
+        "import os, subprocess, sys, time\n"
+        "child = (\n"
+        "    'import os, sys, time\\n'\n"
+        "    'from bluesky_deepfocus.benchmarks.bench_autofocus import exit_with_parent\\n'\n"
+        "    'exit_with_parent(int(sys.argv[1]), interval=0.1)\\n'\n"
+        "    'open(sys.argv[2], \"w\").write(str(os.getpid()))\\n'\n"
+        "    'time.sleep(120)\\n'\n"
+        ")\n"
+        "subprocess.Popen([sys.executable, '-c', child, str(os.getpid()), sys.argv[1]])\n"
+        "time.sleep(120)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", parent_code, str(pidfile)])
+    try:
+        deadline = time.monotonic() + 60
+        while not (pidfile.exists() and pidfile.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        child = int(pidfile.read_text())
+        os.kill(child, 0)  # alive while its parent is
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(10)
+        deadline = time.monotonic() + 10
+        alive = True
+        while alive and time.monotonic() < deadline:
+            try:
+                os.kill(child, 0)
+                time.sleep(0.1)
+            except ProcessLookupError:
+                alive = False
+        if alive:  # reparented to a subreaper that has not reaped it yet: a zombie is gone
+            with open(f"/proc/{child}/stat") as fh:
+                alive = fh.read().split(")")[-1].split()[0] != "Z"
+        assert not alive, f"worker {child} still running after its parent was killed"
+    finally:
+        if parent.poll() is None:
+            parent.kill()

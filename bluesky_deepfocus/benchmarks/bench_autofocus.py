@@ -54,6 +54,7 @@ import argparse
 import json
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -267,11 +268,30 @@ def _fig4_point(
 _WORKER: dict[str, Any] = {}
 
 
-def _fig4_worker_init(sensor: int, settings: str, cals: dict[str, Any], threads: int) -> None:
+def exit_with_parent(parent_pid: int, interval: float = 1.0) -> threading.Thread:
+    """End this process (``os._exit(1)``) within ``interval`` s of the process
+    ``parent_pid`` ending: a daemon thread watches whether this process's parent is still
+    that one. A benchmark killed by its main process (Ctrl-C twice, ``kill``, an OOM
+    kill) otherwise leaves its spawned workers running for hours, each holding 1-2 GB."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(interval)
+        os._exit(1)
+
+    t = threading.Thread(target=watch, name="exit-with-parent", daemon=True)
+    t.start()
+    return t
+
+
+def _fig4_worker_init(
+    sensor: int, settings: str, cals: dict[str, Any], threads: int, parent_pid: int
+) -> None:
     import torch
 
     from ..search import DeepFocusSettings
 
+    exit_with_parent(parent_pid)
     torch.set_num_threads(threads)
     tuning = json.loads(settings)
     _WORKER["bench"] = Bench(
@@ -309,7 +329,7 @@ def _run_fig4(
         max_workers=jobs,
         mp_context=mp.get_context("spawn"),  # the parent holds threads (RunEngine, torch)
         initializer=_fig4_worker_init,
-        initargs=(args.sensor, args.settings, cals, threads),
+        initargs=(args.sensor, args.settings, cals, threads, os.getpid()),
     ) as pool:
         order = sorted(range(len(tasks)), key=lambda i: -tasks[i].budget)
         futures = {i: pool.submit(_fig4_worker, tasks[i], args.fig4_trials) for i in order}
