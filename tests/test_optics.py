@@ -338,6 +338,38 @@ def test_psf_equals_the_full_grid_pupil_integral(defocus, na, pixel, n, zern):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-14)
 
 
+@pytest.mark.parametrize(
+    ("defocus", "zern"), [(0.0, None), (3.0, None), (20.0, None), (-45.0, {11: 0.3, 5: 0.2})]
+)
+def test_psf_on_the_pixel_grid_equals_the_oversampled_one(monkeypatch, defocus, zern):
+    """Far from focus at 40x the PSF is computed on the camera-pixel grid (the pixels
+    sample the intensity's band): the same numbers as the oversampled grid's sub-pixel
+    sums, to rounding."""
+    import bluesky_deepfocus.optics as optics
+
+    o = get_objective("40x/0.75")
+    kw = dict(
+        na=o.na,
+        wavelength_um=o.wavelength_um,
+        pixel_size_um=o.pixel_size_um,
+        immersion_index=o.immersion_index,
+        zernike_waves=zern,
+    )
+    monkeypatch.setattr(optics, "FINE_GRID_MAX", 10**9)
+    fine = widefield_psf(defocus, **kw)
+    monkeypatch.setattr(optics, "FINE_GRID_MAX", 0)
+    coarse = widefield_psf(defocus, **kw)
+    assert coarse.shape == fine.shape
+    np.testing.assert_allclose(coarse, fine, rtol=0, atol=1e-15)
+    assert coarse.min() >= 0.0 and coarse.sum() == pytest.approx(1.0, abs=1e-12)
+    # 10x pixels do not sample the band: always the oversampled grid, whatever the size
+    t = get_objective("10x/0.3")
+    kw10 = dict(na=t.na, wavelength_um=t.wavelength_um, pixel_size_um=t.pixel_size_um)
+    got = widefield_psf(defocus, **kw10)
+    monkeypatch.setattr(optics, "FINE_GRID_MAX", 10**9)
+    np.testing.assert_array_equal(got, widefield_psf(defocus, **kw10))
+
+
 def test_cached_psf_is_read_only():
     psf = objective_psf(get_objective("10x/0.3"), 3.0)
     with pytest.raises(ValueError, match="read-only"):
