@@ -357,7 +357,7 @@ def widefield_psf(
 
 
 def _pupil_amplitude(
-    f: FloatArray,
+    f: NDArray[np.floating[Any]],
     defocus_um: float,
     fc: float,
     k: float,
