@@ -831,3 +831,56 @@ def test_a_bin_the_frame_misses_is_bounded_by_the_frames_detection_limit(cal):
         return float(c2[0])
 
     assert chi2(4.0) > chi2(-2.0) + 10.0
+
+
+def test_the_second_image_steps_at_most_first_step_max_dof_toward_the_guessed_side(cal):
+    """One image cannot tell the side of focus: the second steps toward the side its
+    estimate picks by at most ``first_step_max_dof`` (a wrong guess then costs that much,
+    not twice the distance); uncapped it steps the whole estimated distance."""
+    dof = cal.dof_um
+    for cap in (2.0, math.inf):
+        s = DeepFocusSearch(
+            cal,
+            start=0.0,
+            lo=-150,
+            hi=150,
+            max_images=6,
+            settings=DeepFocusSettings(first_step_max_dof=cap),
+        )
+        assert s.ask() == 0.0
+        s.tell(syn.observe(0.0, 5 * dof))
+        f, _, _ = s._refined()
+        z2 = s.ask()
+        assert z2 is not None and math.copysign(1.0, z2) == math.copysign(1.0, f)
+        want = min(abs(f), cap * dof)
+        assert abs(z2) == pytest.approx(want, rel=1e-9), (cap, f, z2)
+        assert (abs(z2) < 2.01 * dof) == (cap == 2.0)
+
+
+def test_a_sharpness_curve_still_rising_at_the_outermost_image_is_not_converged():
+    """Every image on one side, the sharpest the outermost, spectra and CNN putting the
+    focus at that image (a smooth specimen: 1 DOF short), their sharpness curve rising
+    to the last: not converged (the trap is real without the rule), and with images
+    left the next goes to where that curve peaks, beyond the sharpest image."""
+    dof = syn.DOF
+    zs = [x * dof for x in (1.0, 2.0, 4.0, 6.0)]
+    blind = _misleading(dof, 0.0, zs, rising_beyond_dof=0.0)
+    assert blind.converged and abs(blind.z_focus - dof) < 0.1 * dof  # 1 DOF off
+    res = _misleading(dof, 0.0, zs)
+    assert not res.converged and "still rises at the outermost image" in res.reason
+    assert res.details["sharp_mode"] < dof - 0.2 * dof
+    s = _wide_search(zs[0])
+    for z in zs:
+        o = syn.observe(z, dof)
+        o.gradient_sharpness = syn.gradient_sharpness(z, 0.0)
+        s.tell(o)
+    nxt = s.ask()
+    assert nxt is not None and nxt < dof - 0.2 * dof  # beyond the sharpest image
+    assert nxt == pytest.approx(s._refined()[2]["sharp_mode"])
+
+
+def test_a_sharpness_curve_peaking_at_a_bracketed_estimate_does_not_trip_the_rising_rule(cal):
+    """Images on both sides of the sharpest: the rule does not apply; converged as before."""
+    zs = [40.0, 20.0, -5.0, 5.0, 0.3]
+    res = _misleading(0.0, 0.0, zs)
+    assert res.converged and abs(res.z_focus) < 0.05
