@@ -502,6 +502,10 @@ class PaperSearch(Search):
 PLANE_INLIER_DOF = 0.2
 
 
+# fewer informative spectral bins than this at the estimate: the spectra hold no detail
+# there (a blank field, or one whose only structure is light from beyond its edge)
+MIN_SPECTRAL_DOF = 4
+
 # the camera noise's share of a frame's gradient energy is known to a few per cent: a frame
 # whose gradient energy stands less than this fraction above it shows no detail
 FLOOR_REL = 0.05
@@ -591,10 +595,14 @@ class DeepFocusSettings:
     # in a conflict (order_conflict), the frames' own sharpness curve overrules the
     # spectra and the CNN when it alone locates the focus (sd <= converged_dof, its
     # posterior wholly inside the window around the estimate) and images lie within
-    # bracket_dof of its mode on both sides, wherever the combined estimate sits;
-    # without images around it, only when the estimate is already within 2 sd of it. A specimen the spectra misdescribe pulls the combined estimate between the two
-    # (a smooth field at 10x: spectra 6 um short, sharpness fit and CNN within 0.2 um of
-    # the truth, images 2 um and 5 um either side of it) and was refused
+    # bracket_dof of its mode on both sides, wherever the combined estimate sits, as
+    # long as the spectra hold detail there (MIN_SPECTRAL_DOF bins: a blank field whose
+    # only structure is light from beyond its edge has a sharpness peak of its own, at
+    # 10x one 43 um from the slide's focus); without images around it, only when the
+    # estimate is already within 2 sd of it. A specimen the spectra misdescribe pulls the
+    # combined estimate between the two (a smooth field at 10x: spectra 6 um short,
+    # sharpness fit and CNN within 0.2 um of the truth, images 2 um and 5 um either side
+    # of it) and was refused
     overrule_when_bracketed: bool = True
     # the frames' own sharpness still rises at the outermost image: when the sharpest
     # image is the outermost one and the symmetric sharpness curve (>= 4 frames) peaks
@@ -1303,7 +1311,8 @@ class DeepFocusSearch(Search):
     def _sharpness_overrules(self, info: dict[str, float]) -> bool:
         """In a conflict, the frames' own sharpness curve (order + symmetric fit) locates
         the focus by itself (sd <= ``converged_dof``) and either the estimate lies within
-        2 sd of it or (``overrule_when_bracketed``) there are images within
+        2 sd of it or (``overrule_when_bracketed``) the spectra hold detail
+        (``MIN_SPECTRAL_DOF`` bins), there are images within
         ``bracket_dof`` on both sides of its mode and the curve's posterior lies wholly
         inside the window it was computed on (``sharp_contained``: not a mode at the edge
         of a window that cut the real peak off): the spectra/CNN misdescribe the
@@ -1315,10 +1324,18 @@ class DeepFocusSearch(Search):
             return True
         return bool(
             self.s.overrule_when_bracketed
+            and self._spectral_detail(info)
             and info.get("sharp_sd", math.inf) <= self.s.converged_dof * self.dof
             and info.get("sharp_contained", 0.0) == 1.0
             and self._bracketed(info["sharp_mode"])
         )
+
+    @staticmethod
+    def _spectral_detail(info: dict[str, float]) -> bool:
+        """The frames' spectra hold detail at the estimate: at least ``MIN_SPECTRAL_DOF``
+        frequency bins informative (else the estimate rests on the CNN and the sharpness
+        alone)."""
+        return bool(info.get("spec_dof", 0.0) >= MIN_SPECTRAL_DOF)
 
     def _sharpness_confirms(self, info: dict[str, float]) -> bool:
         """The frames' own sharpness curve alone locates the focus (sd <= ``converged_dof``)
@@ -1410,7 +1427,7 @@ class DeepFocusSearch(Search):
         # with no spectral detail the estimate rests on the CNN's raw score alone, which
         # depends on the specimen (the paper's weakness): converged only when images on
         # both sides of it confirm it through their sharpness order
-        cnn_only = not info.get("spec_dof", 0.0) >= 4 and self.s.use_sharpness_order
+        cnn_only = not self._spectral_detail(info) and self.s.use_sharpness_order
         unconfirmed = conv and cnn_only and not self._bracketed(f)
         if unconfirmed:
             conv = False

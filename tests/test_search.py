@@ -434,9 +434,9 @@ def test_an_overruling_sharpness_curve_is_not_refused_for_the_spectras_misfit():
 
 def test_the_sharpness_curve_overrules_only_in_a_conflict_when_tight_and_bracketed(cal):
     """The rule's conditions one by one, on a search with images at -20, -6, 1, 5, 12 um
-    (bracket_dof 1.5 DOF = 17 um): a conflict, a sharpness sd within converged_dof, the
-    sharpness posterior inside its window, and images within bracket_dof on both sides of
-    the sharpness mode."""
+    (bracket_dof 1.5 DOF = 17 um): a conflict, spectra with detail, a sharpness sd within
+    converged_dof, the sharpness posterior inside its window, and images within
+    bracket_dof on both sides of the sharpness mode."""
 
     def search(**settings):
         s = DeepFocusSearch(
@@ -450,7 +450,10 @@ def test_the_sharpness_curve_overrules_only_in_a_conflict_when_tight_and_bracket
     tight = 0.5 * s.s.converged_dof * s.dof
     info = {"order_penalty": 50.0, "order_cost": 0.0, "f": 4.0, "sharp_mode": 0.0}
     info["sharp_contained"] = 1.0
+    info["spec_dof"] = 40.0
     assert s._sharpness_overrules({**info, "sharp_sd": tight})
+    # spectra without detail (a blank field lit from beyond its edge): not overruled
+    assert not s._sharpness_overrules({**info, "sharp_sd": tight, "spec_dof": 1.0})
     assert not s._sharpness_overrules({**info, "sharp_sd": tight, "sharp_contained": 0.0})
     assert not s._sharpness_overrules({**info, "sharp_sd": 1.1 * s.s.converged_dof * s.dof})
     assert not s._sharpness_overrules({**info, "sharp_sd": tight, "order_penalty": 1.0})
