@@ -1051,6 +1051,34 @@ class DeepFocusSearch(Search):
         return False
 
     def _propose(self) -> float | None:
+        z = self._next_position()
+        if z is None and self.n < self.min_images:
+            # the search would stop (a focus beyond the reachable range, say) before its
+            # min_images: an exact budget (min_images == max_images) is a promise -- image
+            # the estimate, or go on looking around the start
+            z = self._fill_budget()
+        return z
+
+    def _fill_budget(self) -> float | None:
+        """A position for an image the search itself no longer needs: the (clipped)
+        estimate unless an image lies within 0.05 DOF of it, else the next position of
+        the outward search pattern, else the position in ``[lo, hi]`` farthest from every
+        image (None when every position lies within 0.05 DOF of one)."""
+        eps = 0.05 * self.dof
+        if self._has_information():
+            f = self.clip(self._refined()[0])
+            if self._nearest(f) > eps:
+                return f
+        z = self._explore(self.n)
+        if z is not None:
+            return z
+        grid = np.linspace(self.lo, self.hi, 401)
+        zs = np.array([o.z for o in self.observations])
+        gap = np.min(np.abs(grid[:, None] - zs[None, :]), axis=1)
+        i = int(np.argmax(gap))
+        return float(grid[i]) if gap[i] > eps else None
+
+    def _next_position(self) -> float | None:
         n = self.n
         if n == 0:
             return self.start
@@ -1209,7 +1237,7 @@ class DeepFocusSearch(Search):
         beyond ``[lo, hi]`` or within 0.05 DOF of an image, and the last image while no
         frame yet shows ``min_detail_share`` detail (with ``verify`` it goes to the
         estimate).
-        :meth:`_propose` asks this only after its stop test: a posterior already below
+        :meth:`_next_position` asks this only after its stop test: a posterior already below
         ``tol_dof`` stops (or verifies)."""
         sharpest = self._sharpest_image() if self.s.use_sharpness_order else None
         if sharpest is None:

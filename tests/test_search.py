@@ -887,3 +887,25 @@ def test_a_sharpness_curve_peaking_at_a_bracketed_estimate_does_not_trip_the_ris
     zs = [40.0, 20.0, -5.0, 5.0, 0.3]
     res = _misleading(0.0, 0.0, zs)
     assert res.converged and abs(res.z_focus) < 0.05
+
+
+@pytest.mark.parametrize("n", [3, 5, 8])
+def test_an_exact_budget_is_spent_even_when_the_focus_is_out_of_reach(n):
+    """min_images == max_images == N takes N images (the Fig. 4 comparison) even where the
+    search would stop early: a focus at 90 um with the stage confined to +/-40 um (two
+    images at the bounds and one inside tell it so); the result still says so."""
+    s = DeepFocusSearch(syn.calibration(), start=0.0, lo=-40, hi=40, min_images=n, max_images=n)
+    zs = []
+    while (z := s.ask()) is not None:
+        assert -40 <= z <= 40
+        zs.append(z)
+        s.tell(syn.observe(z, 90.0))
+    assert len(zs) == n
+    assert min(abs(a - b) for i, a in enumerate(zs) for b in zs[:i]) > 0.05 * syn.DOF
+    res = s.result()
+    assert not res.converged and "beyond the allowed range" in res.reason
+    # an ordinary budget still stops where the search is done
+    s = DeepFocusSearch(syn.calibration(), start=0.0, lo=-40, hi=40, min_images=2, max_images=8)
+    while (z := s.ask()) is not None:
+        s.tell(syn.observe(z, 90.0))
+    assert s.n == 4
