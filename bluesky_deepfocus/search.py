@@ -1245,11 +1245,8 @@ class DeepFocusSearch(Search):
         best, zo, go = sharpest
         if best.gradient_sharpness - go.max() <= self.s.order_sigma:
             return None
-        if np.all(zo < best.z):
-            side = 1.0
-        elif np.all(zo > best.z):
-            side = -1.0
-        else:
+        side = _outward(best.z, zo)
+        if not side:
             return None
         delta = self.s.straddle_dof * self.dof
         if abs(f - best.z) >= delta or sd >= delta:
@@ -1276,11 +1273,8 @@ class DeepFocusSearch(Search):
         if sharpest is None:
             return None
         best, zo, _ = sharpest
-        if np.all(zo < best.z):
-            side = 1.0
-        elif np.all(zo > best.z):
-            side = -1.0
-        else:
+        side = _outward(best.z, zo)
+        if not side:
             return None
         beyond = (info["sharp_mode"] - best.z) * side
         if beyond > max(self.s.rising_beyond_dof * self.dof, 2 * info["sharp_sd"]):
@@ -1714,6 +1708,16 @@ class DeepFocusSearch(Search):
                 chi2[part] = c2.reshape(len(part), F)
                 dof[part] = d2.reshape(len(part), F)
         return chi2, dof
+
+
+def _outward(z: float, others: NDArray) -> float:
+    """+1 / -1: the direction away from ``others`` when every one of them lies on one side
+    of ``z`` (``z`` is the outermost position); 0 otherwise."""
+    if np.all(others < z):
+        return 1.0
+    if np.all(others > z):
+        return -1.0
+    return 0.0
 
 
 def _spectra_arrays(specs: list[Spectrum]) -> tuple[NDArray, NDArray, NDArray, NDArray]:
