@@ -524,7 +524,9 @@ class DeepFocusSettings:
     # this (DOF). A wrong guess then lands the second image this much farther out
     # instead of twice the distance, where the spectra of sparse and smooth specimens put
     # the focus too near the images (measured over 3 draws of 50 trials: 20x 0.098 ->
-    # 0.066 DOF, 10x +/-150 um 5.12 -> 2.75 um; inf = step the whole estimated distance)
+    # 0.066 DOF, 10x +/-150 um 5.12 -> 2.75 um; inf = step the whole estimated distance).
+    # It caps the step of a first image that told nothing too (explore_dof, toward the
+    # roomier side): measured, uncapping that made 10x +/-150 um with 3 images worse
     first_step_max_dof: float = 2.0
     cnn_sigma: float = 0.25  # sd of one image's ROI score about its specimen curve (ln r)
     cnn_offset_sigma: float = 0.35  # prior sd of the specimen's raw score offset (ln r)
@@ -1065,12 +1067,14 @@ class DeepFocusSearch(Search):
         the outward search pattern, else the position in ``[lo, hi]`` farthest from every
         image (None when every position lies within 0.05 DOF of one)."""
         eps = 0.05 * self.dof
+        if not self.observations:
+            return self.start
         if self._has_information():
             f = self.clip(self._refined()[0])
             if self._nearest(f) > eps:
                 return f
         z = self._explore(self.n)
-        if z is not None:
+        if z is not None and self._nearest(z) > eps:
             return z
         grid = np.linspace(self.lo, self.hi, 401)
         zs = np.array([o.z for o in self.observations])
@@ -1346,7 +1350,7 @@ class DeepFocusSearch(Search):
             return True
         return bool(
             self.s.overrule_when_bracketed
-            and self._spectral_detail(info)
+            and (self._spectral_detail(info) or not self.s.use_spectra)
             and info.get("sharp_sd", math.inf) <= self.s.converged_dof * self.dof
             and info.get("sharp_contained", 0.0) == 1.0
             and self._bracketed(info["sharp_mode"])

@@ -234,3 +234,16 @@ def test_a_benchmark_worker_exits_when_its_parent_is_killed(tmp_path):
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+def test_the_fig4_worker_initializer_starts_the_parent_watch(monkeypatch):
+    """Each Fig. 4 worker watches the process that started it (the pid passed in)."""
+    import torch
+
+    from bluesky_deepfocus.benchmarks import bench_autofocus as ba
+
+    watched = []
+    monkeypatch.setattr(ba, "exit_with_parent", lambda pid, interval=1.0: watched.append(pid))
+    monkeypatch.setattr(ba, "_WORKER", {})
+    ba._fig4_worker_init(64, "{}", {}, torch.get_num_threads(), 12345)
+    assert watched == [12345]

@@ -358,7 +358,13 @@ def test_psf_on_the_pixel_grid_equals_the_oversampled_one(monkeypatch, defocus, 
     monkeypatch.setattr(optics, "FINE_GRID_MAX", 10**9)
     fine = widefield_psf(defocus, **kw)
     monkeypatch.setattr(optics, "FINE_GRID_MAX", 0)
+    calls = []
+    pixel_grid = optics._pixel_grid_psf
+    monkeypatch.setattr(
+        optics, "_pixel_grid_psf", lambda *a, **k: calls.append(a) or pixel_grid(*a, **k)
+    )
     coarse = widefield_psf(defocus, **kw)
+    assert len(calls) == 1  # the pixel grid's path, not the oversampled one again
     assert coarse.shape == fine.shape
     np.testing.assert_allclose(coarse, fine, rtol=0, atol=1e-15)
     assert coarse.min() >= 0.0 and coarse.sum() == pytest.approx(1.0, abs=1e-12)
@@ -366,6 +372,7 @@ def test_psf_on_the_pixel_grid_equals_the_oversampled_one(monkeypatch, defocus, 
     t = get_objective("10x/0.3")
     kw10 = dict(na=t.na, wavelength_um=t.wavelength_um, pixel_size_um=t.pixel_size_um)
     got = widefield_psf(defocus, **kw10)
+    assert len(calls) == 1
     monkeypatch.setattr(optics, "FINE_GRID_MAX", 10**9)
     np.testing.assert_array_equal(got, widefield_psf(defocus, **kw10))
 

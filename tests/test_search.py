@@ -452,8 +452,12 @@ def test_the_sharpness_curve_overrules_only_in_a_conflict_when_tight_and_bracket
     info["sharp_contained"] = 1.0
     info["spec_dof"] = 40.0
     assert s._sharpness_overrules({**info, "sharp_sd": tight})
-    # spectra without detail (a blank field lit from beyond its edge): not overruled
+    # spectra without detail (a blank field lit from beyond its edge): not overruled;
+    # with the spectra switched off there is no such test to pass
     assert not s._sharpness_overrules({**info, "sharp_sd": tight, "spec_dof": 1.0})
+    assert search(use_spectra=False)._sharpness_overrules(
+        {**info, "sharp_sd": tight, "spec_dof": 0.0}
+    )
     assert not s._sharpness_overrules({**info, "sharp_sd": tight, "sharp_contained": 0.0})
     assert not s._sharpness_overrules({**info, "sharp_sd": 1.1 * s.s.converged_dof * s.dof})
     assert not s._sharpness_overrules({**info, "sharp_sd": tight, "order_penalty": 1.0})
@@ -889,15 +893,17 @@ def test_a_sharpness_curve_peaking_at_a_bracketed_estimate_does_not_trip_the_ris
     assert res.converged and abs(res.z_focus) < 0.05
 
 
-@pytest.mark.parametrize("n", [3, 5, 8])
-def test_an_exact_budget_is_spent_even_when_the_focus_is_out_of_reach(n):
+@pytest.mark.parametrize(("n", "hi"), [(3, 40.0), (5, 40.0), (8, 40.0), (6, 45.21)])
+def test_an_exact_budget_is_spent_even_when_the_focus_is_out_of_reach(n, hi):
     """min_images == max_images == N takes N images (the Fig. 4 comparison) even where the
-    search would stop early: a focus at 90 um with the stage confined to +/-40 um (two
-    images at the bounds and one inside tell it so); the result still says so."""
-    s = DeepFocusSearch(syn.calibration(), start=0.0, lo=-40, hi=40, min_images=n, max_images=n)
+    search would stop early: a focus at 90 um with the stage confined to [-40, hi] (two
+    images at the bounds and one inside tell it so); the result still says so. No two
+    images within 0.05 DOF (hi = 45.21: the outward pattern's 45.2 um lies next to the
+    bound image)."""
+    s = DeepFocusSearch(syn.calibration(), start=0.0, lo=-40, hi=hi, min_images=n, max_images=n)
     zs = []
     while (z := s.ask()) is not None:
-        assert -40 <= z <= 40
+        assert -40 <= z <= hi
         zs.append(z)
         s.tell(syn.observe(z, 90.0))
     assert len(zs) == n
@@ -905,7 +911,7 @@ def test_an_exact_budget_is_spent_even_when_the_focus_is_out_of_reach(n):
     res = s.result()
     assert not res.converged and "beyond the allowed range" in res.reason
     # an ordinary budget still stops where the search is done
-    s = DeepFocusSearch(syn.calibration(), start=0.0, lo=-40, hi=40, min_images=2, max_images=8)
+    s = DeepFocusSearch(syn.calibration(), start=0.0, lo=-40, hi=hi, min_images=2, max_images=8)
     while (z := s.ask()) is not None:
         s.tell(syn.observe(z, 90.0))
     assert s.n == 4
