@@ -333,21 +333,14 @@ def widefield_psf(
     n_grid = size * os_
     dx = pixel_size_um / os_
     fc = na / wavelength_um
+    k = immersion_index / wavelength_um
     if not return_fine and n_grid > FINE_GRID_MAX and 4 * fc * pixel_size_um <= 1.0:
         # the camera pixels already sample the intensity's band (|f| <= 2 NA/lambda)
         # without aliasing: the same PSF from the pixel grid, with the sum over each
         # pixel's os x os sub-samples done in Fourier space (see _pixel_grid_psf)
-        return _pixel_grid_psf(
-            defocus_um,
-            size,
-            os_,
-            pixel_size_um,
-            fc,
-            immersion_index / wavelength_um,
-            zernike_waves,
-        )
+        return _pixel_grid_psf(defocus_um, size, os_, pixel_size_um, fc, k, zernike_waves)
     f = np.fft.fftfreq(n_grid, d=dx)
-    amp = _pupil_amplitude(f, defocus_um, fc, immersion_index / wavelength_um, zernike_waves)
+    amp = _pupil_amplitude(f, defocus_um, fc, k, zernike_waves)
     fine = np.fft.fftshift(amp.real**2 + amp.imag**2)
     fine /= fine.sum()
     inten = fine.reshape(size, os_, size, os_).sum(axis=(1, 3))

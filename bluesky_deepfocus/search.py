@@ -1144,15 +1144,14 @@ class DeepFocusSearch(Search):
             # cold start, or a warm start the first image contradicts (a focus jump):
             # placed as without a prior
             d = abs(f - self.start)
-            if sd > 0.25 * (self.grid[-1] - self.grid[0]):  # one image told us nothing
+            told_nothing = sd > 0.25 * (self.grid[-1] - self.grid[0])
+            if told_nothing:
                 d = self.s.explore_dof * self.dof
             step = max(
                 min(d, self.s.first_step_max_dof * self.dof), self.s.first_step_min_dof * self.dof
             )
             sign = 1.0 if f >= self.start else -1.0
-            if d < self.s.first_step_min_dof * self.dof or sd > 0.25 * (
-                self.grid[-1] - self.grid[0]
-            ):
+            if d < self.s.first_step_min_dof * self.dof or told_nothing:
                 # near focus or unknown side: step toward the roomier side of the bounds
                 sign = 1.0 if (self.hi - self.start) >= (self.start - self.lo) else -1.0
             return self.start + sign * step
