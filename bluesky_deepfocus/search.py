@@ -594,6 +594,17 @@ class DeepFocusSettings:
     # other side (this takes the place of the verify image when it is the last one; a
     # posterior already below tol_dof stops or verifies first, as before)
     probe_beyond_sharpest: bool = True
+    # how far beyond the sharpest image that probe goes: a straddle step, or the distance
+    # from the sharpest image to the nearest (less sharp) image when that is longer but at
+    # most this (DOF): the step that made the sharpness rise, repeated. On a specimen the
+    # spectra place short the search otherwise crawls toward the focus a straddle step
+    # (0.7 DOF) per image and runs out of images with the sharpness still rising (40x,
+    # smooth and sparse fields started 2-5 DOF out, refused); an image that far beyond is
+    # either less sharp (the focus bracketed within half that step) or sharper. After a
+    # longer jump (an exploration step, an estimate far off) a straddle step, as before
+    # (measured at 20x: a 2-DOF probe after a 3-DOF jump left a smooth field refused on a
+    # marginal spectral fit). 0 = always a straddle step
+    probe_gap_max_dof: float = 2.0
     # in a conflict (order_conflict), the frames' own sharpness curve overrules the
     # spectra and the CNN when it alone locates the focus (sd <= converged_dof, its
     # posterior wholly inside the window around the estimate) and images lie within
@@ -1226,10 +1237,12 @@ class DeepFocusSearch(Search):
         return best, zs, gs
 
     def _beyond_sharpest(self, f: float, sd: float) -> float | None:
-        """A straddle step beyond the sharpest image when it is the outermost image (every
-        other image with a known sharpness lies on one side of it, each less sharp by more
-        than ``order_sigma``) and the estimate ``f`` (posterior sd ``sd``) lies within a
-        straddle step of it; None otherwise (the usual placement applies).
+        """A step beyond the sharpest image when it is the outermost image (every other
+        image with a known sharpness lies on one side of it, each less sharp by more than
+        ``order_sigma``) and the estimate ``f`` (posterior sd ``sd``) lies within a
+        straddle step of it; None otherwise (the usual placement applies). The step: its
+        distance to the nearest other image when that is at most ``probe_gap_max_dof``
+        DOF (and longer than a straddle step), else a straddle step.
 
         Nothing then says the sharpness does not go on rising beyond that image except the
         spectra and the CNN, which is where they fail on a specimen unlike the calibration
@@ -1261,7 +1274,11 @@ class DeepFocusSearch(Search):
             # is likeliest (the usual placement images it with ``verify``) (measured at 40x: a beads field 0.7 DOF from focus refused,
             # its estimate 0.05 um off, after its last image went 1.4 DOF out)
             return None
-        z = best.z + side * delta
+        step = delta
+        gap = float(np.min(np.abs(zo - best.z)))  # the step that made the sharpness rise
+        if gap <= self.s.probe_gap_max_dof * self.dof * (1 + 1e-9):
+            step = max(delta, gap)
+        z = best.z + side * step
         if not self.lo <= z <= self.hi or self._nearest(z) < 0.05 * self.dof:
             return None
         return z

@@ -520,7 +520,10 @@ def _two_images(
     **settings,
 ) -> DeepFocusSearch:
     """A search told images at ``zs`` (default 0 and 18 um: the one at 18 the sharper, and
-    the outermost) of a field in focus at ``focus``, with their gradient sharpness."""
+    the outermost) of a field in focus at ``focus``, with their gradient sharpness. The
+    probe beyond the sharpest image is a straddle step unless ``probe_gap_max_dof`` is
+    given (the repeated step is tested on its own)."""
+    settings.setdefault("probe_gap_max_dof", 0.0)
     s = DeepFocusSearch(
         cal,
         start=0.0,
@@ -596,6 +599,36 @@ def test_beyond_the_sharpest_image_never_past_the_bounds_nor_onto_an_image(cal):
     # mirrored: the sharpest image below the others -> beyond it is further down
     m = _two_images(cal, focus=-15.0, zs=(0.0, -18.0))
     assert m._beyond_sharpest(-15.0, 0.5) == pytest.approx(-18.0 - delta)
+
+
+def test_the_probe_beyond_the_sharpest_image_repeats_a_short_step_that_raised_the_sharpness(
+    cal,
+):
+    """The 18-um image, 18 um (1.6 DOF) from the less sharp one, is the sharper: the probe
+    goes as far again beyond it (the sharpness rose over that step; a straddle step would
+    crawl toward a focus the spectra place short), not a straddle step. After a step
+    longer than ``probe_gap_max_dof`` DOF, and with it 0, a straddle step; never shorter
+    than one."""
+    delta = DeepFocusSettings().straddle_dof * cal.dof_um
+    gap_max = DeepFocusSettings().probe_gap_max_dof
+    assert 18.0 <= gap_max * cal.dof_um
+    s = _two_images(cal, probe=True, probe_gap_max_dof=gap_max)
+    assert s._beyond_sharpest(15.0, 0.5) == pytest.approx(36.0)
+    assert s.ask() == pytest.approx(36.0)
+    m = _two_images(cal, focus=-15.0, zs=(0.0, -18.0), probe_gap_max_dof=gap_max)
+    assert m._beyond_sharpest(-15.0, 0.5) == pytest.approx(-36.0)  # mirrored
+    # the last step longer than the limit: a straddle step
+    short = _two_images(cal, probe=True, probe_gap_max_dof=17.0 / cal.dof_um)
+    assert short._beyond_sharpest(15.0, 0.5) == pytest.approx(18.0 + delta)
+    assert _two_images(cal, probe=True)._beyond_sharpest(15.0, 0.5) == pytest.approx(18.0 + delta)
+    # a step shorter than a straddle step: a straddle step
+    near = _two_images(cal, focus=4.0, zs=(0.0, 3.0), probe_gap_max_dof=gap_max)
+    assert near._beyond_sharpest(4.0, 0.5) == pytest.approx(3.0 + delta)
+    # the nearest less sharp image sets the step (9 um, not 18 um to the one at 0)
+    three = _two_images(cal, zs=(0.0, 9.0, 18.0), probe_gap_max_dof=gap_max)
+    assert three._beyond_sharpest(15.0, 0.5) == pytest.approx(27.0)
+    three = _two_images(cal, zs=(-10.0, 4.0, 18.0), probe_gap_max_dof=gap_max)
+    assert three._beyond_sharpest(15.0, 0.5) == pytest.approx(32.0)
 
 
 def test_beyond_the_sharpest_image_only_when_it_is_outermost_clearly_sharpest_and_near(cal):
