@@ -608,7 +608,7 @@ def test_the_probe_beyond_the_sharpest_image_repeats_a_short_step_that_raised_th
     goes as far again beyond it (the sharpness rose over that step; a straddle step would
     crawl toward a focus the spectra place short), not a straddle step. After a step
     longer than ``probe_gap_max_dof`` DOF, and with it 0, a straddle step; never shorter
-    than one."""
+    than one. After a short step the estimate may lie up to half of it from the image."""
     delta = DeepFocusSettings().straddle_dof * cal.dof_um
     gap_max = DeepFocusSettings().probe_gap_max_dof
     assert 18.0 <= gap_max * cal.dof_um
@@ -629,6 +629,17 @@ def test_the_probe_beyond_the_sharpest_image_repeats_a_short_step_that_raised_th
     assert three._beyond_sharpest(15.0, 0.5) == pytest.approx(27.0)
     three = _two_images(cal, zs=(-10.0, 4.0, 18.0), probe_gap_max_dof=gap_max)
     assert three._beyond_sharpest(15.0, 0.5) == pytest.approx(32.0)
+    # after that short step the estimate may lie up to half of it (+ the order's slack)
+    # from the sharpest image, either side, not only a straddle step
+    reach = 9.0 + 0.5 * s.s.order_tol_dof * cal.dof_um
+    assert reach > 1.1 * delta
+    for f in (18.0 - 0.99 * reach, 18.0 + 0.99 * reach):
+        assert s._beyond_sharpest(f, 0.5) == pytest.approx(36.0)
+    for f in (18.0 - 1.01 * reach, 18.0 + 1.01 * reach):
+        assert s._beyond_sharpest(f, 0.5) is None
+    assert s._beyond_sharpest(15.0, 1.01 * delta) is None  # posterior still wide
+    # after a longer step, a straddle step from the image as before
+    assert short._beyond_sharpest(18.0 - 1.01 * delta, 0.5) is None
 
 
 def test_beyond_the_sharpest_image_only_when_it_is_outermost_clearly_sharpest_and_near(cal):
