@@ -605,12 +605,15 @@ class DeepFocusSettings:
     # (measured at 20x: a 2-DOF probe after a 3-DOF jump left a smooth field refused on a
     # marginal spectral fit). After such a short step the probe is also taken while the
     # estimate lies within half that step (plus the order's slack, order_tol_dof / 2) of
-    # the sharpest image rather than only within a straddle step: the sharpness order
-    # pins an estimate the spectra put short at the pair's midpoint, more than a straddle
-    # step from the image (40x, a sparse-nuclei field 7.35 um out, images at 0 and
-    # 3.07 um, estimate 4.20 +/- 0.70 um: refused before, converged 0.11 um off; 10x, a
-    # sparse-nuclei field 133 um out: refused before, converged 0.16 um off).
-    # 0 = always a straddle step, and only within a straddle step of the estimate
+    # the sharpest image, either side, rather than only within a straddle step: inside,
+    # the sharpness order pins at the pair's midpoint an estimate the spectra put
+    # farther inside (40x, a sparse-nuclei field 4.93 um out: estimate 1.59 um, the
+    # midpoint 1.54 um, the sharper image at 3.07 um); outside, an estimate just beyond
+    # the sharper image is still short on such specimens (40x, a sparse-nuclei field
+    # 7.35 um out, images at 0 and 3.07 um, estimate 4.20 +/- 0.70 um: refused before,
+    # converged 0.11 um off). 0 = always a straddle step, and only within a straddle
+    # step of the estimate. The capped first step (first_step_max_dof) is exactly this
+    # long
     probe_gap_max_dof: float = 2.0
     # in a conflict (order_conflict), the frames' own sharpness curve overrules the
     # spectra and the CNN when it alone locates the focus (sd <= converged_dof, its
@@ -1249,9 +1252,11 @@ class DeepFocusSearch(Search):
         ``order_sigma``) and the estimate ``f`` (posterior sd ``sd``) lies within a
         straddle step of it; None otherwise (the usual placement applies). When the
         sharpest image lies at most ``probe_gap_max_dof`` DOF from its nearest other image
-        (a short step raised the sharpness), the estimate may lie anywhere on its side of
-        their midpoint, and the step beyond is that distance (at least a straddle step);
-        otherwise a straddle step.
+        (a short step raised the sharpness), the estimate may lie within
+        ``max(straddle, distance / 2 + order_tol_dof / 2 DOF)`` of it, either side, and
+        the step beyond is that distance (at least a straddle step; a straddle step when
+        that one would fall outside ``[lo, hi]`` or onto an image and the estimate lies
+        within a straddle step); otherwise a straddle step.
 
         Nothing then says the sharpness does not go on rising beyond that image except the
         spectra and the CNN, which is where they fail on a specimen unlike the calibration
@@ -1274,16 +1279,19 @@ class DeepFocusSearch(Search):
         if not side:
             return None
         delta = self.s.straddle_dof * self.dof
-        gap = float(np.min(np.abs(zo - best.z)))  # the step that made the sharpness rise
+        # the distance to the nearest (less sharp) image: usually the step that made the
+        # sharpness rise. The tolerance lets a capped first step (first_step_max_dof =
+        # probe_gap_max_dof = 2 DOF) count as short
+        gap = float(np.min(np.abs(zo - best.z)))
         repeat = gap <= self.s.probe_gap_max_dof * self.dof * (1 + 1e-9)
-        # how near the sharpest image the estimate must lie: within a straddle step, or,
-        # after a short step that raised the sharpness, anywhere on the sharpest image's
-        # side of the pair's midpoint (the order's slack, order_tol_dof / 2, past it) --
-        # where the order pins an estimate that the spectra would put farther inside
+        # how near the sharpest image the estimate must lie, either side: a straddle step,
+        # or after a short step half of it plus the order's slack (order_tol_dof / 2) --
+        # inside, up to where the order pins an estimate the spectra put farther inside;
+        # outside, an estimate the spectra may still place short
         reach = delta
         if repeat:
             reach = max(delta, 0.5 * gap + 0.5 * self.s.order_tol_dof * self.dof)
-        if abs(f - best.z) >= reach or sd >= delta:
+        if not (abs(f - best.z) < reach and sd < delta):  # (NaN: no probe)
             return None
         if self.n == self.max_images - 1 and self._detail_share() < self.s.min_detail_share:
             # the last image, and no frame yet shows the detail a result needs (see
@@ -1292,10 +1300,14 @@ class DeepFocusSearch(Search):
             # is likeliest (the usual placement images it with ``verify``) (measured at 40x: a beads field 0.7 DOF from focus refused,
             # its estimate 0.05 um off, after its last image went 1.4 DOF out)
             return None
-        z = best.z + side * (max(delta, gap) if repeat else delta)
-        if not self.lo <= z <= self.hi or self._nearest(z) < 0.05 * self.dof:
-            return None
-        return z
+        steps = [max(delta, gap)] if repeat else []
+        if abs(f - best.z) < delta:
+            steps.append(delta)  # the long step past the bounds or onto an image: as before
+        for step in steps:
+            z = best.z + side * step
+            if self.lo <= z <= self.hi and self._nearest(z) >= 0.05 * self.dof:
+                return z
+        return None
 
     def _rising_beyond(self, info: dict[str, float]) -> float | None:
         """How far beyond the sharpest image the frames' symmetric sharpness curve peaks

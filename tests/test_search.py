@@ -640,6 +640,30 @@ def test_the_probe_beyond_the_sharpest_image_repeats_a_short_step_that_raised_th
     assert s._beyond_sharpest(15.0, 1.01 * delta) is None  # posterior still wide
     # after a longer step, a straddle step from the image as before
     assert short._beyond_sharpest(18.0 - 1.01 * delta, 0.5) is None
+    # a step between a straddle step and twice the order's reach: the window is never
+    # narrower than a straddle step (10 um: half of it + slack 6.1 um < delta 7.9 um)
+    mid = _two_images(cal, focus=8.0, zs=(0.0, 10.0), probe_gap_max_dof=gap_max)
+    assert 0.5 * 10.0 + 0.5 * s.s.order_tol_dof * cal.dof_um < 0.9 * delta < 10.0
+    assert mid._beyond_sharpest(10.0 - 0.9 * delta, 0.5) == pytest.approx(20.0)
+    # a step exactly at the limit counts as short (the capped first step is exactly 2 DOF)
+    edge = _two_images(cal, probe=True, probe_gap_max_dof=18.0 / cal.dof_um)
+    assert edge._beyond_sharpest(15.0, 0.5) == pytest.approx(36.0)
+
+
+def test_the_repeated_step_past_the_bounds_falls_back_to_a_straddle_step(cal):
+    """The long probe would land past ``hi`` (36 um > 30 um): a straddle step beyond the
+    sharpest image instead while the estimate lies within one of it, else no probe;
+    never a position outside ``[lo, hi]``."""
+    delta = DeepFocusSettings().straddle_dof * cal.dof_um
+    gap_max = DeepFocusSettings().probe_gap_max_dof
+    s = _two_images(cal, probe=True, hi=30.0, probe_gap_max_dof=gap_max)
+    assert s._beyond_sharpest(15.0, 0.5) == pytest.approx(18.0 + delta)
+    assert 18.0 + delta <= s.hi
+    assert s._beyond_sharpest(18.0 - 1.2 * delta, 0.5) is None  # within reach, not delta
+    # an image (no sharpness known) already at the long step's position: the same
+    s = _two_images(cal, probe=True, probe_gap_max_dof=gap_max)
+    s.tell(Observation(z=36.0))
+    assert s._beyond_sharpest(15.0, 0.5) == pytest.approx(18.0 + delta)
 
 
 def test_beyond_the_sharpest_image_only_when_it_is_outermost_clearly_sharpest_and_near(cal):
