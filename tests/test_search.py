@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from scipy import stats
 
 from bluesky_deepfocus.search import (
     BrentSearch,
@@ -762,6 +763,43 @@ def test_focus_at_centre_focuses_the_tilted_fields_centre_not_its_detail(cal):
     flat, detail = _tilted_field(cal, tilt_dof=0.1, detail_dof=0.04)
     assert abs(flat.z_focus - detail) < 0.01 * syn.DOF, flat
     assert "field centre" not in flat.reason
+
+
+def _sparse_map(n_patches: int, scatter_dof: float) -> np.ndarray:
+    """A 4 x 4-patch focus map on a plane tilted by 1 DOF (centre 20 um) with patch
+    scatter ``scatter_dof`` DOF, only ``n_patches`` of them informative."""
+    dof = syn.DOF
+    cols = np.arange(4)[None, :] - 1.5
+    rows = np.arange(4)[:, None] - 1.5
+    fmap = 20.0 + dof / 4 * (0.8 * cols - 0.6 * rows)
+    fmap = fmap + scatter_dof * dof * np.random.default_rng(3).normal(0.0, 1.0, fmap.shape)
+    keep = np.zeros(16, bool)
+    keep[:n_patches] = True
+    np.random.default_rng(1).shuffle(keep)
+    fmap[~keep.reshape(4, 4)] = np.nan
+    return fmap
+
+
+def test_a_plane_through_few_patches_needs_a_wider_margin_to_move_the_focus(cal):
+    """The plane's centre moves the focus only when its standard error is below
+    ``centre_sd_dof``; from 5 patches (2 residual degrees of freedom) the scatter itself
+    is uncertain, so the error is widened by the Student t quantile (x2.2): a plane
+    whose plain standard error (0.024 DOF) would pass is not trusted from 5 patches,
+    and the same scatter over 8 or 16 patches is."""
+    s = DeepFocusSearch(
+        cal, start=0.0, lo=-150, hi=150, settings=DeepFocusSettings(focus_at="centre")
+    )
+    limit = s.s.centre_sd_dof * syn.DOF
+    info: dict[str, float] = {}
+    assert s._field_centre(20.0, _sparse_map(5, 0.05), info) is None
+    widening = stats.t.ppf(0.975, 2) / stats.norm.ppf(0.975)
+    assert info["plane_patches"] == 5
+    assert info["field_centre_sd"] > limit > info["field_centre_sd"] / widening
+    for n in (8, 16):
+        info = {}
+        centre = s._field_centre(20.0, _sparse_map(n, 0.05), info)
+        assert centre is not None and abs(centre - 20.0) < 0.1 * syn.DOF, (n, info)
+        assert info["field_centre_sd"] <= limit
 
 
 def test_focus_at_is_checked():
