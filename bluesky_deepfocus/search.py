@@ -503,6 +503,9 @@ class PaperSearch(Search):
 PLANE_INLIER_DOF = 0.2
 
 
+# the normal distribution's two-sided 95 % quantile (what a Student t quantile widens)
+_Z975 = float(stats.norm.ppf(0.975))
+
 # fewer informative spectral bins than this at the estimate: the spectra hold no detail
 # there (a blank field, or one whose only structure is light from beyond its edge)
 MIN_SPECTRAL_DOF = 4
@@ -1247,6 +1250,16 @@ class DeepFocusSearch(Search):
         gs = np.array([o.gradient_sharpness for o in others])
         return best, zs, gs
 
+    def _outermost_sharpest(self) -> tuple[Observation, NDArray, NDArray, float] | None:
+        """:meth:`_sharpest_image` and the direction away from the other images when it is
+        the outermost one (every other image on one side of it); None otherwise."""
+        sharpest = self._sharpest_image()
+        if sharpest is None:
+            return None
+        best, zo, go = sharpest
+        side = _outward(best.z, zo)
+        return (best, zo, go, side) if side else None
+
     def _beyond_sharpest(self, f: float, sd: float) -> float | None:
         """A step beyond the sharpest image when it is the outermost image (every other
         image with a known sharpness lies on one side of it, each less sharp by more than
@@ -1270,14 +1283,11 @@ class DeepFocusSearch(Search):
         estimate).
         :meth:`_next_position` asks this only after its stop test: a posterior already below
         ``tol_dof`` stops (or verifies)."""
-        sharpest = self._sharpest_image() if self.s.use_sharpness_order else None
-        if sharpest is None:
+        outermost = self._outermost_sharpest() if self.s.use_sharpness_order else None
+        if outermost is None:
             return None
-        best, zo, go = sharpest
+        best, zo, go, side = outermost
         if best.gradient_sharpness - go.max() <= self.s.order_sigma:
-            return None
-        side = _outward(best.z, zo)
-        if not side:
             return None
         delta = self.s.straddle_dof * self.dof
         # the distance to the nearest (less sharp) image: usually the step that made the
@@ -1316,13 +1326,10 @@ class DeepFocusSearch(Search):
         ``rising_beyond_dof`` DOF and 2 sd of the curve's posterior; None otherwise."""
         if self.s.rising_beyond_dof <= 0 or "sharp_mode" not in info:
             return None
-        sharpest = self._sharpest_image()
-        if sharpest is None:
+        outermost = self._outermost_sharpest()
+        if outermost is None:
             return None
-        best, zo, _ = sharpest
-        side = _outward(best.z, zo)
-        if not side:
-            return None
+        best, _zo, _go, side = outermost
         beyond = (info["sharp_mode"] - best.z) * side
         if beyond > max(self.s.rising_beyond_dof * self.dof, 2 * info["sharp_sd"]):
             return float(beyond)
@@ -1631,7 +1638,7 @@ class DeepFocusSearch(Search):
         # error is widened by the Student t quantile's excess over the normal one (x2.2
         # with 5 patches, x1.4 with 7, x1.1 with 20) -- with 5 bead patches a plane 4.4 um
         # too steep passed the test at se 0.24 um and moved a tile 2.4 um the wrong way
-        se *= float(stats.t.ppf(0.975, n - 3)) / float(stats.norm.ppf(0.975))
+        se *= float(stats.t.ppf(0.975, n - 3)) / _Z975
         info.update(
             tilt_um_across_field=tilt,
             field_centre=z0,

@@ -726,16 +726,23 @@ def test_the_sharpness_curve_fit_locates_focus_on_rendered_frames(cal, family, f
     )
 
 
+def _plane_map(tilt_dof: float, scatter_dof: float, *, seed: int) -> np.ndarray:
+    """A 4 x 4-patch focus map on a plane tilted by ``tilt_dof`` DOF across the field
+    (centre 20 um), patch scatter ``scatter_dof`` DOF (normal, from ``seed``)."""
+    dof = syn.DOF
+    cols = np.arange(4)[None, :] - 1.5
+    rows = np.arange(4)[:, None] - 1.5
+    fmap = 20.0 + tilt_dof * dof / 4 * (0.8 * cols - 0.6 * rows)
+    return fmap + np.random.default_rng(seed).normal(0.0, scatter_dof * dof, fmap.shape)
+
+
 def _tilted_field(cal, *, tilt_dof, detail_dof, wild=(), focus_at="centre"):
     """Frames of a field whose whole frame is in focus ``detail_dof`` DOF off its centre
     (where its detail is), and its 4 x 4-patch focus map: a plane tilted by ``tilt_dof``
     DOF across the field (centre 20 um), patch scatter 0.03 DOF, the patches in ``wild``
     (index, um) that far off the plane (per-patch estimates that failed)."""
     dof = syn.DOF
-    cols = np.arange(4)[None, :] - 1.5
-    rows = np.arange(4)[:, None] - 1.5
-    fmap = 20.0 + tilt_dof * dof / 4 * (0.8 * cols - 0.6 * rows)
-    fmap += np.random.default_rng(5).normal(0.0, 0.03 * dof, fmap.shape)
+    fmap = _plane_map(tilt_dof, 0.03, seed=5)
     for idx, off in wild:
         fmap[idx] += off
     fmap[1, 1] = np.nan  # a patch with no information
@@ -766,13 +773,9 @@ def test_focus_at_centre_focuses_the_tilted_fields_centre_not_its_detail(cal):
 
 
 def _sparse_map(n_patches: int, scatter_dof: float) -> np.ndarray:
-    """A 4 x 4-patch focus map on a plane tilted by 1 DOF (centre 20 um) with patch
-    scatter ``scatter_dof`` DOF, only ``n_patches`` of them informative."""
-    dof = syn.DOF
-    cols = np.arange(4)[None, :] - 1.5
-    rows = np.arange(4)[:, None] - 1.5
-    fmap = 20.0 + dof / 4 * (0.8 * cols - 0.6 * rows)
-    fmap = fmap + scatter_dof * dof * np.random.default_rng(3).normal(0.0, 1.0, fmap.shape)
+    """:func:`_plane_map` tilted by 1 DOF with patch scatter ``scatter_dof`` DOF, only
+    ``n_patches`` of its patches informative."""
+    fmap = _plane_map(1.0, scatter_dof, seed=3)
     keep = np.zeros(16, bool)
     keep[:n_patches] = True
     np.random.default_rng(1).shuffle(keep)
