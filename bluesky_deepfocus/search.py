@@ -57,11 +57,14 @@ from .spectral import EDGES, Spectrum
 __all__ = [
     "BrentSearch",
     "DeepFocusSearch",
+    "FieldPlane",
     "Observation",
     "PaperSearch",
     "Search",
     "SearchResult",
+    "field_plane",
     "make_search",
+    "pool_field_tilts",
 ]
 
 GOLDEN = (3 - math.sqrt(5)) / 2  # 0.381966
@@ -674,11 +677,15 @@ class DeepFocusSearch(Search):
         max_images: int = 8,
         settings: DeepFocusSettings | None = None,
         prior: tuple[float, float] | None = None,
+        field_tilt: tuple[float, float, float] | None = None,
     ) -> None:
         super().__init__(start=start, lo=lo, hi=hi, min_images=min_images, max_images=max_images)
         self.cal = calibration
         self.s = settings or DeepFocusSettings()
         self.prior = _check_prior(prior)
+        # the slide's tilt (um across the field, image axes) known from earlier fields:
+        # a prior on the slopes of the plane that places focus_at="centre" (_field_centre)
+        self.field_tilt = _check_field_tilt(field_tilt)
         if not 0.0 <= self.s.prior_floor < 1.0:
             raise ValueError(
                 f"settings.prior_floor={self.s.prior_floor!r} must be in [0, 1) (default 0.05)."
@@ -701,7 +708,12 @@ class DeepFocusSearch(Search):
         self._verified = False
 
     def settings(self) -> dict[str, Any]:
-        return {**super().settings(), **self.s.__dict__, "prior": self.prior}
+        return {
+            **super().settings(),
+            **self.s.__dict__,
+            "prior": self.prior,
+            "field_tilt": self.field_tilt,
+        }
 
     # ------------------------------------------------------------------ likelihood
     def _cnn_cost(self, zs: NDArray, bs: NDArray, grid: NDArray) -> NDArray:
@@ -1606,52 +1618,41 @@ class DeepFocusSearch(Search):
         """The focus at the field centre from the robust plane through ``fmap``, or None
         when the plane is not trusted or hardly tilted.
 
-        The plane (slopes in um per patch): :func:`.results.fit_focus_plane` from the
-        consensus of patches within ``PLANE_INLIER_DOF`` (0.2) DOF. Trusted with >= 5
-        patches on it, a standard error of its centre value (from the patches' robust
-        scatter about it, widened by the Student t quantile for its n - 3 degrees of
-        freedom) <= ``centre_sd_dof`` DOF, a tilt of >= ``centre_tilt_dof`` DOF
-        across the field, and the detail's focus ``f`` within the focus range the plane
-        spans over those patches (else the map and the whole frame disagree: keep ``f``).
-        Writes ``field_centre``, ``field_centre_sd``, ``tilt_um_across_field``,
-        ``plane_patches`` and ``map_patches`` into ``info``.
+        The plane: :func:`field_plane` (the consensus of patches within
+        ``PLANE_INLIER_DOF`` (0.2) DOF, >= 5 of them), with the search's ``field_tilt``
+        prior on its slopes when one was given (the slide's tilt learned from earlier
+        tiles of a scan: a field with few informative patches then needs only their level,
+        not their slopes). Trusted with a standard error of its centre value (from the
+        patches' robust scatter about it, widened by the Student t quantile for its
+        residual degrees of freedom) <= ``centre_sd_dof`` DOF, a tilt of >=
+        ``centre_tilt_dof`` DOF across the field, and the detail's focus ``f`` within the
+        focus range the plane spans over those patches (else the map and the whole frame
+        disagree: keep ``f``). Writes ``field_centre``, ``field_centre_sd``,
+        ``tilt_um_across_field``, ``plane_patches``, ``map_patches`` and, when a tilt
+        prior was used, ``tilt_prior_used`` into ``info``.
         """
-        from .results import _fit_plane
-
         informative = int(np.isfinite(fmap).sum())
-        if informative < 5:
+        fit = field_plane(fmap, PLANE_INLIER_DOF * self.dof, prior=self.field_tilt)
+        if fit is None:
             return None
-        coef, keep, x, y, z = _fit_plane(fmap, 1, 1.0, PLANE_INLIER_DOF * self.dof)
-        n = int(keep.sum())
-        if n < 5:
-            return None
-        z0, a, b = (float(c) for c in coef)
-        rows, cols = fmap.shape
-        tilt = float(math.hypot(a * cols, b * rows))
-        plane = z0 + a * x[keep] + b * y[keep]
-        r = z[keep] - plane
-        # the patches' scatter about the plane (robust; n - 3 residual degrees of freedom)
-        scatter = 1.4826 * float(np.median(np.abs(r))) * math.sqrt(n / (n - 3))
-        A = np.column_stack([np.ones(n), x[keep], y[keep]])
-        se = scatter * math.sqrt(float(np.linalg.inv(A.T @ A)[0, 0]))
-        # a scatter from few residual degrees of freedom is itself uncertain: the standard
-        # error is widened by the Student t quantile's excess over the normal one (x2.2
-        # with 5 patches, x1.4 with 7, x1.1 with 20) -- with 5 bead patches a plane 4.4 um
-        # too steep passed the test at se 0.24 um and moved a tile 2.4 um the wrong way
-        se *= float(stats.t.ppf(0.975, n - 3)) / _Z975
         info.update(
-            tilt_um_across_field=tilt,
-            field_centre=z0,
-            field_centre_sd=se,
-            plane_patches=float(n),
+            tilt_um_across_field=fit.tilt_um,
+            field_centre=fit.centre,
+            field_centre_sd=fit.centre_sd,
+            plane_patches=float(fit.n),
             map_patches=float(informative),
         )
-        if tilt < self.s.centre_tilt_dof * self.dof or se > self.s.centre_sd_dof * self.dof:
+        if self.field_tilt is not None:
+            info["tilt_prior_used"] = 1.0
+        if (
+            fit.tilt_um < self.s.centre_tilt_dof * self.dof
+            or fit.centre_sd > self.s.centre_sd_dof * self.dof
+        ):
             return None
         slack = self.s.converged_dof * self.dof
-        if not (plane.min() - slack <= f <= plane.max() + slack):
+        if not (fit.z_min - slack <= f <= fit.z_max + slack):
             return None
-        return float(np.clip(z0, self.lo, self.hi))
+        return float(np.clip(fit.centre, self.lo, self.hi))
 
     def _focus_map(self, f: float, sd: float) -> NDArray[np.float64] | None:
         """Per-patch focus positions from per-patch spectra and CNN maps, near ``f``."""
@@ -1793,6 +1794,154 @@ def _spectra_arrays(specs: list[Spectrum]) -> tuple[NDArray, NDArray, NDArray, N
     return L, W, Lub, present
 
 
+@dataclass(frozen=True)
+class FieldPlane:
+    """A plane through a per-patch focus map (:func:`field_plane`); um, image axes.
+
+    ``tilt_x_um`` / ``tilt_y_um``: the focus change across the field from its first to
+    its last column / row (with the prior, if one was given); ``own_*``: the same from
+    the map alone, with their standard errors (what :func:`pool_field_tilts` pools).
+    """
+
+    centre: float
+    centre_sd: float
+    tilt_x_um: float
+    tilt_y_um: float
+    n: int
+    z_min: float
+    z_max: float
+    own_tilt_x_um: float
+    own_tilt_y_um: float
+    own_tilt_x_sd_um: float
+    own_tilt_y_sd_um: float
+
+    @property
+    def tilt_um(self) -> float:
+        """The plane's focus change across the field (um)."""
+        return float(math.hypot(self.tilt_x_um, self.tilt_y_um))
+
+
+def field_plane(
+    fmap: NDArray[np.float64],
+    inlier_tol: float,
+    *,
+    prior: tuple[float, float, float] | None = None,
+) -> FieldPlane | None:
+    """The robust plane through a per-patch focus map, or None with < 5 patches on it.
+
+    The patches: the consensus of those within ``inlier_tol`` (um) of a plane
+    (:func:`.results.fit_focus_plane`). Their scatter about it is robust (1.4826 MAD,
+    for the residual degrees of freedom), and the standard errors are widened by the
+    Student t quantile for those degrees of freedom (a scatter from 2 residual degrees
+    of freedom is itself uncertain: x2.2 at 5 patches, x1.1 at 20). With ``prior=(tx,
+    ty, sd)`` (um across the field, as ``tilt_x_um`` / ``tilt_y_um``) the slopes are
+    fitted with that Gaussian prior (a weighted least-squares fit; the residual degrees
+    of freedom are then ``n`` less the fit's effective number of parameters, between 1
+    and 3): few patches fix the plane's level at the centre when the slide's tilt is
+    known.
+    """
+    from .results import _fit_plane
+
+    fm = np.asarray(fmap, dtype=float)
+    if int(np.isfinite(fm).sum()) < 5:
+        return None
+    coef, keep, x, y, z = _fit_plane(fm, 1, 1.0, inlier_tol)
+    n = int(keep.sum())
+    if n < 5:
+        return None
+    rows, cols = fm.shape
+    A = np.column_stack([np.ones(n), x[keep], y[keep]])
+    zk = z[keep]
+    AtA = A.T @ A
+    r = zk - A @ coef
+    # the patches' scatter about the plane (robust; n - 3 residual degrees of freedom)
+    scatter = 1.4826 * float(np.median(np.abs(r))) * math.sqrt(n / (n - 3))
+    widen = float(stats.t.ppf(0.975, n - 3)) / _Z975
+    own_cov = np.linalg.inv(AtA) * scatter**2
+    own = (
+        float(coef[1]) * cols,
+        float(coef[2]) * rows,
+        math.sqrt(float(own_cov[1, 1])) * cols * widen,
+        math.sqrt(float(own_cov[2, 2])) * rows * widen,
+    )
+    theta, cov = np.asarray(coef, dtype=float), own_cov
+    if prior is not None:
+        tx, ty, sd = prior
+        p_prec = np.array([0.0, (cols / sd) ** 2, (rows / sd) ** 2])
+        p_mean = np.array([0.0, tx / cols, ty / rows])
+        s = max(scatter, 1e-9)
+        for _ in range(3):  # the scatter about the fit weighs the patches against the prior
+            M = AtA / s**2 + np.diag(p_prec)
+            cov = np.linalg.inv(M)
+            theta = cov @ (A.T @ zk / s**2 + p_prec * p_mean)
+            p_eff = float(np.trace(cov @ AtA)) / s**2  # 1 (slopes known) .. 3 (prior weak)
+            dof = max(n - p_eff, 1.0)
+            res = zk - A @ theta
+            s = max(1.4826 * float(np.median(np.abs(res))) * math.sqrt(n / dof), 1e-9)
+        M = AtA / s**2 + np.diag(p_prec)
+        cov = np.linalg.inv(M)
+        theta = cov @ (A.T @ zk / s**2 + p_prec * p_mean)
+        widen = float(stats.t.ppf(0.975, dof)) / _Z975
+    plane = A @ theta
+    return FieldPlane(
+        centre=float(theta[0]),
+        centre_sd=math.sqrt(float(cov[0, 0])) * widen,
+        tilt_x_um=float(theta[1]) * cols,
+        tilt_y_um=float(theta[2]) * rows,
+        n=n,
+        z_min=float(plane.min()),
+        z_max=float(plane.max()),
+        own_tilt_x_um=own[0],
+        own_tilt_y_um=own[1],
+        own_tilt_x_sd_um=own[2],
+        own_tilt_y_sd_um=own[3],
+    )
+
+
+def pool_field_tilts(planes: list[FieldPlane]) -> tuple[float, float, float] | None:
+    """The field tilt ``(tx, ty, sd)`` (um across the field) pooled from the planes of
+    earlier fields of one slide (a scan's tiles: the camera sees the slide's tilt the
+    same way in every field), for :class:`DeepFocusSearch`'s ``field_tilt``.
+
+    Each plane's own tilt estimates weighted by their inverse variances; the pooled
+    standard error is widened by the square root of the weighted scatter's reduced
+    chi^2 when it exceeds 1 (fields that disagree: a warped slide, or a wrong plane),
+    and ``sd`` is the larger of the two axes'. None without a plane.
+    """
+    if not planes:
+        return None
+    out = []
+    for value, sd in (
+        ("own_tilt_x_um", "own_tilt_x_sd_um"),
+        ("own_tilt_y_um", "own_tilt_y_sd_um"),
+    ):
+        v = np.array([getattr(p, value) for p in planes])
+        w = 1.0 / np.maximum([getattr(p, sd) for p in planes], 1e-6) ** 2
+        mean = float((w * v).sum() / w.sum())
+        se = 1.0 / math.sqrt(float(w.sum()))
+        if len(v) > 1:
+            red = float((w * (v - mean) ** 2).sum()) / (len(v) - 1)
+            se *= math.sqrt(max(red, 1.0))
+        out.append((mean, se))
+    return out[0][0], out[1][0], max(out[0][1], out[1][1])
+
+
+def _check_field_tilt(field_tilt: Any) -> tuple[float, float, float] | None:
+    """``None``, or ``(tx, ty, sd)`` in um with finite values and sd > 0."""
+    if field_tilt is None:
+        return None
+    try:
+        tx, ty, sd = (float(v) for v in field_tilt)
+    except (TypeError, ValueError):
+        tx = ty = sd = float("nan")
+    if not (math.isfinite(tx) and math.isfinite(ty) and math.isfinite(sd) and sd > 0):
+        raise ValueError(
+            f"field_tilt={field_tilt!r} must be (tilt_x, tilt_y, sd) in um across the field "
+            "(finite, sd > 0), e.g. from pool_field_tilts(); pass None when unknown."
+        )
+    return tx, ty, sd
+
+
 def _check_prior(prior: Any) -> tuple[float, float] | None:
     """``None``, or a warm-start prior ``(z, sd)`` with finite z and finite sd > 0 (um)."""
     if prior is None:
@@ -1922,6 +2071,7 @@ def make_search(strategy: str, calibration: Calibration | None, **kw: Any) -> Se
     if strategy == "brent":
         kw.pop("settings", None)
         kw.pop("prior", None)
+        kw.pop("field_tilt", None)
         return BrentSearch(**kw)
     raise ValueError(f"Unknown strategy {strategy!r}; use 'deepfocus', 'paper' or 'brent'.")
 

@@ -30,7 +30,13 @@ from bluesky_deepfocus.metrics import gradient_sharpness, gradient_sharpness_flo
 from bluesky_deepfocus.results import AutofocusResult
 from bluesky_deepfocus.schema import CALIBRATION_STREAM, MD_KEY, RESULT_STREAM, SCORES_STREAM
 from bluesky_deepfocus.scoring import ROI, FocusFunction, ScoredImage, crop_roi
-from bluesky_deepfocus.search import DeepFocusSettings, Observation, Search, make_search
+from bluesky_deepfocus.search import (
+    DeepFocusSettings,
+    Observation,
+    Search,
+    _check_field_tilt,
+    make_search,
+)
 from bluesky_deepfocus.spectral import EDGES, frame_spectrum, patch_spectra
 
 __all__ = ["autofocus_plan", "autofocus_stub", "calibration_plan"]
@@ -505,6 +511,7 @@ def autofocus_stub(
     retries: int = 2,
     retry_delay: float = 0.5,
     stream_prefix: str = "autofocus",
+    field_tilt: tuple[float, float, float] | None = None,
     _session: _Session | None = None,
 ) -> Generator[Msg, Any, AutofocusResult]:
     """Autofocus inside an already open run (opens no run; a plan stub).
@@ -516,6 +523,7 @@ def autofocus_stub(
     """
     _validate(min_images, max_images, on_failure, strategy, min_confidence)
     _check_retries(retries, retry_delay)
+    field_tilt = _check_field_tilt(field_tilt)
     if strategy != "brent":
         calibration = _check_calibration(calibration, camera)
     session = _session or _Session(
@@ -541,6 +549,8 @@ def autofocus_stub(
     }
     if strategy == "deepfocus":
         kw.update(settings=settings, prior=prior)
+        if field_tilt is not None:
+            kw["field_tilt"] = field_tilt
     search: Search = make_search(strategy, calibration, **kw)
     record = session.score_record
     result_rec = session.result_record
@@ -890,6 +900,7 @@ def autofocus_plan(
     retries: int = 2,
     retry_delay: float = 0.5,
     md: Mapping[str, Any] | None = None,
+    field_tilt: tuple[float, float, float] | None = None,
 ) -> Generator[Msg, Any, AutofocusResult]:
     """Bring the sample into focus in a few images; one run, every decision recorded.
 
@@ -927,6 +938,13 @@ def autofocus_plan(
         Minimum confidence to move to the estimate.
     settings, prior
         Tuning of the ``"deepfocus"`` strategy; ``prior=(z, sd)`` warm-starts it.
+    field_tilt
+        ``(tilt_x, tilt_y, sd)``: the slide's tilt seen across the field (um of focus from
+        the first to the last column / row of the image) when known from other fields,
+        e.g. :func:`~bluesky_deepfocus.search.pool_field_tilts` of earlier tiles
+        (:func:`refocus_per_step` does this itself); with ``settings.focus_at="centre"``
+        it lets a field with few informative patches be placed by its centre. Ignored by
+        the other strategies.
     settle_time
         Seconds to wait after each move before the snap.
     retries, retry_delay
@@ -962,6 +980,7 @@ def autofocus_plan(
     """
     _validate(min_images, max_images, on_failure, strategy, min_confidence)
     _check_retries(retries, retry_delay)
+    field_tilt = _check_field_tilt(field_tilt)
     if strategy != "brent":
         calibration = _check_calibration(calibration, camera)
     settings_dict: dict[str, Any] = (
@@ -983,6 +1002,7 @@ def autofocus_plan(
             on_failure=on_failure,
         ),
         "prior": list(prior) if prior is not None else None,
+        "field_tilt": list(field_tilt) if field_tilt is not None else None,
         "retries": retries,
     }
     _md = _base_md(
@@ -1027,6 +1047,7 @@ def autofocus_plan(
             settle_time=settle_time,
             retries=retries,
             retry_delay=retry_delay,
+            field_tilt=field_tilt,
             _session=session,
         )
         return result

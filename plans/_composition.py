@@ -47,7 +47,13 @@ from bluesky_deepfocus.calibration import Calibration
 from bluesky_deepfocus.results import AutofocusResult
 from bluesky_deepfocus.schema import MD_KEY
 from bluesky_deepfocus.scoring import FocusFunction
-from bluesky_deepfocus.search import DeepFocusSettings
+from bluesky_deepfocus.search import (
+    PLANE_INLIER_DOF,
+    DeepFocusSettings,
+    FieldPlane,
+    field_plane,
+    pool_field_tilts,
+)
 
 from ._autofocus import (
     _check_calibration,
@@ -76,7 +82,7 @@ DEFAULT_MAX_DRIFT_RATE = 0.05
 DEFAULT_MAX_TILT = 0.02
 
 # autofocus_stub keywords that the composition sets itself
-_OWN_KEYWORDS = ("camera", "focus", "calibration", "scorer", "prior")
+_OWN_KEYWORDS = ("camera", "focus", "calibration", "scorer", "prior", "field_tilt")
 _STUB_DEFAULTS = {
     name: p.default
     for name, p in inspect.signature(autofocus_stub).parameters.items()
@@ -115,6 +121,12 @@ def _check_autofocus_kwargs(kwargs: Mapping[str, Any], where: str) -> dict[str, 
             f"prior={kwargs['prior']!r} cannot be given to {where}: every refocus sets its own "
             "warm-start prior from the previous result. Tune it with prior_sd=..., "
             "max_drift_rate=... or turn it off with warm_start=False."
+        )
+    if "field_tilt" in kwargs:
+        raise ValueError(
+            f"field_tilt={kwargs['field_tilt']!r} cannot be given to {where}: "
+            "refocus_per_step learns the slide's tilt from the tiles it has focused "
+            "(learn_tilt=True); pass field_tilt to autofocus_plan / autofocus_stub directly."
         )
     unknown = sorted(set(kwargs) - set(_STUB_DEFAULTS))
     if unknown:
@@ -221,6 +233,10 @@ class _RefocusRecord(Device):
     seq_num = Cpt(Signal, value=0)
     prior_z = Cpt(Signal, value=float("nan"))
     prior_sd = Cpt(Signal, value=float("nan"))
+    # the slide tilt (um across the field) learned from earlier tiles; NaN: none
+    tilt_prior_x = Cpt(Signal, value=float("nan"))
+    tilt_prior_y = Cpt(Signal, value=float("nan"))
+    tilt_prior_sd = Cpt(Signal, value=float("nan"))
     last_blur = Cpt(Signal, value=float("nan"))
     reference_blur = Cpt(Signal, value=float("nan"))
 
@@ -275,12 +291,17 @@ class _Refocuser:
         seq_num: int,
         last_blur: float = float("nan"),
         reference_blur: float = float("nan"),
+        field_tilt: tuple[float, float, float] | None = None,
     ) -> MsgGenerator[AutofocusResult]:
+        tilt = field_tilt if field_tilt is not None else (math.nan,) * 3
         self.record.update(
             reason=reason,
             seq_num=int(seq_num),
             prior_z=float(prior[0]) if prior else float("nan"),
             prior_sd=float(prior[1]) if prior else float("nan"),
+            tilt_prior_x=float(tilt[0]),
+            tilt_prior_y=float(tilt[1]),
+            tilt_prior_sd=float(tilt[2]),
             last_blur=float(last_blur),
             reference_blur=float(reference_blur),
         )
@@ -295,6 +316,7 @@ class _Refocuser:
             self.calibration,
             scorer=self.scorer,
             prior=prior,
+            field_tilt=field_tilt,
             _session=self.session,
             **kwargs,
         )
@@ -378,6 +400,9 @@ class RefocusPerStep:
         :class:`~bluesky_deepfocus.AutofocusResult` of every refocus of the latest scan.
     positions
         The scan motors' positions (name -> value) of each of those refocuses.
+    planes
+        The focus-map planes of this scan's converged tiles (what the slide's tilt is
+        learned from; see ``learn_tilt`` of :func:`refocus_per_step`).
     md
         Start-document metadata describing the refocusing (calibration uid, model,
         algorithm, warm-start policy); pass it on: ``grid_scan(..., md=hook.md)``.
@@ -393,15 +418,25 @@ class RefocusPerStep:
         every: int,
         warm: _WarmStart,
         settings: Mapping[str, Any],
+        learn_tilt: bool = True,
     ) -> None:
         self.camera, self.focus, self.calibration, self.scorer = camera, focus, calibration, scorer
         self.every = every
         self.warm = warm
         self.settings = dict(settings)
+        tuning = self.settings.get("settings")
+        self.learn_tilt = bool(
+            learn_tilt
+            and calibration is not None
+            and self.settings["strategy"] == "deepfocus"
+            and isinstance(tuning, DeepFocusSettings)
+            and tuning.focus_at == "centre"
+        )
         self._pos_cache: Any = None
         self._steps = 0
         self._refocuser = self._new_refocuser()
         self.positions: list[dict[str, float]] = []
+        self.planes: list[FieldPlane] = []
 
     def _new_refocuser(self) -> _Refocuser:
         return _Refocuser(
@@ -414,7 +449,12 @@ class RefocusPerStep:
 
     @property
     def md(self) -> dict[str, Any]:
-        policy = {"kind": "per_step", "every": self.every, **self.warm.settings()}
+        policy = {
+            "kind": "per_step",
+            "every": self.every,
+            **self.warm.settings(),
+            "learn_tilt": self.learn_tilt,
+        }
         return {
             MD_KEY: _deepfocus_md(
                 self.camera, self.focus, self.calibration, self.scorer, self.settings, policy
@@ -455,6 +495,7 @@ class RefocusPerStep:
             self._steps = 0
             self._refocuser = self._new_refocuser()
             self.positions = []
+            self.planes = []
         yield from bps.move_per_step(step, pos_cache)
         index = self._steps
         self._steps += 1
@@ -470,15 +511,28 @@ class RefocusPerStep:
                     retry_delay=self.settings["retry_delay"],
                     what=f"move the focus to the warm start z={prior[0]!r} um",
                 )
-            yield from self._refocuser.refocus(
-                "first" if index == 0 else "every", prior=prior, seq_num=index + 1
+            result = yield from self._refocuser.refocus(
+                "first" if index == 0 else "every",
+                prior=prior,
+                seq_num=index + 1,
+                field_tilt=pool_field_tilts(self.planes) if self.learn_tilt else None,
             )
             self.positions.append(here)
+            self._learn_plane(result)
         readables = [*detectors, *step]
         if not any(r is self.focus for r in readables):
             readables.append(self.focus)  # record the z of every image
         reader = take_reading if take_reading is not None else bps.trigger_and_read
         yield from reader(readables)
+
+    def _learn_plane(self, result: AutofocusResult) -> None:
+        """Keep the plane of a converged tile's focus map (its own tilt estimate)."""
+        if not self.learn_tilt or result.status != "converged" or result.focus_map is None:
+            return
+        assert self.calibration is not None  # (learn_tilt needs one)
+        plane = field_plane(result.focus_map, PLANE_INLIER_DOF * self.calibration.dof_um)
+        if plane is not None:
+            self.planes.append(plane)
 
     def _prior_at(self, here: Mapping[str, float]) -> tuple[float, float] | None:
         now = time.monotonic()
@@ -506,6 +560,7 @@ def refocus_per_step(
     max_drift_rate: float = DEFAULT_MAX_DRIFT_RATE,
     max_tilt: float = DEFAULT_MAX_TILT,
     focus_at: str = "centre",
+    learn_tilt: bool = True,
     **autofocus_kwargs: Any,
 ) -> RefocusPerStep:
     """A ``per_step`` hook for ``scan_nd`` / ``grid_scan`` / ``list_scan`` that refocuses.
@@ -550,6 +605,16 @@ def refocus_per_step(
         ``"detail"``: where the image's detail is (as :func:`autofocus_plan`). Sets
         :attr:`DeepFocusSettings.focus_at <bluesky_deepfocus.DeepFocusSettings>` of the
         ``settings`` passed (ignored by the other strategies).
+    learn_tilt
+        With ``focus_at="centre"``: each refocus after the first gets the slide's tilt
+        as seen across the field, pooled from the focus-map planes of the tiles focused
+        so far (:func:`~bluesky_deepfocus.search.pool_field_tilts`: the camera sees a
+        planar slide's tilt the same way in every tile), as a prior on the slopes of its
+        own plane (``field_tilt`` of :func:`~bluesky_deepfocus.plans.autofocus_stub`),
+        so that a tile with few informative patches (sparse cells, beads) is placed by
+        its centre rather than by wherever its detail is. Recorded per refocus
+        (``tilt_prior_x``, ``tilt_prior_y``, ``tilt_prior_sd`` in stream
+        ``autofocus_refocus``). ``False``: every tile's plane from its own map alone.
     **autofocus_kwargs
         Passed to :func:`~bluesky_deepfocus.plans.autofocus_stub` (``roi``,
         ``min_images``, ``max_images``, ``on_failure``, ``strategy``, ``max_travel``,
@@ -603,8 +668,17 @@ def refocus_per_step(
         max_drift_rate=max_drift_rate,
         max_tilt=max_tilt,
     )
+    if not isinstance(learn_tilt, bool):
+        raise ValueError(f"learn_tilt={learn_tilt!r} must be True or False.")
     return RefocusPerStep(
-        camera, focus, calibration, scorer=scorer, every=every, warm=warm, settings=settings
+        camera,
+        focus,
+        calibration,
+        scorer=scorer,
+        every=every,
+        warm=warm,
+        settings=settings,
+        learn_tilt=learn_tilt,
     )
 
 

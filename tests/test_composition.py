@@ -26,6 +26,7 @@ from bluesky_deepfocus.plans import (
     refocus_wrapper,
     timelapse_plan,
 )
+from bluesky_deepfocus.search import field_plane, pool_field_tilts
 from bluesky_deepfocus.sim import MicroscopeSimulation, get_simulation, simulated_microscope
 
 from ._rig import close_run_engine, private_run_engine
@@ -210,11 +211,55 @@ def test_grid_scan_refocuses_every_tile(RE, docs, rig, sim):
     prior_sd = field(streams["autofocus_refocus"], "autofocus_refocus_prior_sd")
     assert math.isnan(prior_sd[0]) and all(np.isfinite(prior_sd[1:]))
     assert all(sd >= 0.25 * rig.cal.dof_um - 1e-9 for sd in prior_sd[1:])
+    assert run["start"]["deepfocus"]["refocus"]["learn_tilt"] is True
     # every tile imaged in focus: the primary focus readback vs. the tile's true focus
     for event in streams["primary"]:
         x, y, z = event["data"]["xy_x"], event["data"]["xy_y"], event["data"]["focus"]
         assert abs(z - sim.true_focus_at(x, y)) < FOCUS_TOL_UM, (x, y, z)
     assert [r.run_uid for r in hook.results] == [run["start"]["uid"]] * 9
+
+
+def test_per_step_learns_the_slide_tilt_from_earlier_tiles(RE, docs, rig):
+    """Each refocus after a converged tile gets the tilt pooled from the focus-map planes
+    of the tiles before it (a 512-px field: 4 x 4 patches), recorded in the refocus
+    stream; the pooled tilt is the slide's as the camera sees it."""
+    core = simulated_microscope(
+        specimen="tissue", sensor_shape=(512, 512), seed=2, slide_size_um=1400.0, time_scale=0.0
+    )
+    sim = get_simulation(core)
+    camera, focus = MMCamera(core, name="camera"), MMFocusStage(core, name="focus")
+    xy = MMXYStage(core, name="xy")
+    cal = RE(calibration_plan(camera, focus, -150, 150, 61, scorer=rig.scorer)).plan_result
+    sim.tilt = (0.02, -0.01)
+    sim.set_true_focus(5.0, x_um=0.0, y_um=0.0)
+    RE.subscribe(docs)
+    hook = refocus_per_step(camera, focus, cal, scorer=rig.scorer, **FAST)
+    RE(bp.list_scan([camera], xy.x, [-330.0, 0.0, 330.0], per_step=hook, md=hook.md))
+    (run,) = runs_of(docs)
+    streams = run["streams"]
+    recorded = [
+        field(streams["autofocus_refocus"], f"autofocus_refocus_tilt_prior_{k}")
+        for k in ("x", "y", "sd")
+    ]
+    planes: list = []
+    for i, result in enumerate(hook.results):
+        expected = pool_field_tilts(planes)
+        got = tuple(r[i] for r in recorded)
+        if expected is None:
+            assert all(math.isnan(v) for v in got), (i, got)
+        else:
+            assert got == pytest.approx(expected), (i, got, expected)
+        plane = field_plane(result.focus_map, 0.2 * cal.dof_um) if result.converged else None
+        if plane is not None:
+            planes.append(plane)
+    assert planes == hook.planes and len(planes) == 3, hook.results
+    # 0.02 / -0.01 um of focus per um of x / y: 6.7 / -3.3 um across the 333-um field
+    tx, ty, sd = pool_field_tilts(planes)
+    assert abs(tx - 0.02 * 512 * 0.65) < max(3 * sd, 1.5), (tx, ty, sd)
+    assert abs(ty + 0.01 * 512 * 0.65) < max(3 * sd, 1.5), (tx, ty, sd)
+    for event in streams["primary"]:  # (y stays at 0)
+        x, z = event["data"]["xy_x"], event["data"]["focus"]
+        assert abs(z - sim.true_focus_at(x, 0.0)) < FOCUS_TOL_UM, (x, z)
 
 
 def test_per_step_rejects_the_focus_as_scan_motor(RE, rig, sim):
@@ -238,6 +283,13 @@ def test_per_step_focuses_tile_centres_by_default(rig):
     assert hook.settings["settings"] == DeepFocusSettings(tol_dof=0.05, focus_at="detail")
     with pytest.raises(ValueError, match="focus_at='middle'"):
         refocus_per_step(rig.camera, rig.focus, rig.cal, scorer=rig.scorer, focus_at="middle")
+    with pytest.raises(ValueError, match="refocus_per_step learns the slide's tilt"):
+        refocus_per_step(rig.camera, rig.focus, rig.cal, scorer=rig.scorer, field_tilt=(1, 1, 1))
+    with pytest.raises(ValueError, match="learn_tilt='yes' must be True or False"):
+        refocus_per_step(rig.camera, rig.focus, rig.cal, scorer=rig.scorer, learn_tilt="yes")
+    assert not refocus_per_step(
+        rig.camera, rig.focus, rig.cal, scorer=rig.scorer, focus_at="detail"
+    ).learn_tilt
 
 
 # --------------------------------------------------------------------------------------

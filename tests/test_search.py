@@ -16,7 +16,9 @@ from bluesky_deepfocus.search import (
     DeepFocusSettings,
     Observation,
     PaperSearch,
+    field_plane,
     make_search,
+    pool_field_tilts,
 )
 
 from . import _synthetic as syn
@@ -803,6 +805,74 @@ def test_a_plane_through_few_patches_needs_a_wider_margin_to_move_the_focus(cal)
         centre = s._field_centre(20.0, _sparse_map(n, 0.05), info)
         assert centre is not None and abs(centre - 20.0) < 0.1 * syn.DOF, (n, info)
         assert info["field_centre_sd"] <= limit
+
+
+def test_a_known_field_tilt_places_a_sparse_field_by_its_centre(cal):
+    """Detail in one corner of a field tilted by 1 DOF (6 informative patches): their
+    own plane extrapolates to the centre with a wide error and is not trusted; with the
+    slide's tilt known from other fields (``field_tilt``) the patches need only fix the
+    plane's level, and the centre is trusted and right. The fit's own tilt estimate
+    (what is pooled for later fields) stays the map's alone; a vague prior changes
+    nothing."""
+    dof = syn.DOF
+    full = _plane_map(1.0, 0.03, seed=3)
+    fmap = np.full((4, 4), np.nan)
+    for idx in [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (0, 2)]:
+        fmap[idx] = full[idx]
+    tilt = (0.8 * dof, -0.6 * dof)  # _plane_map's plane at 1 DOF
+    limit = DeepFocusSettings().centre_sd_dof * dof
+    own = field_plane(fmap, 0.2 * dof)
+    assert own is not None and own.n == 6 and own.centre_sd > 1.5 * limit, own
+    s = DeepFocusSearch(
+        cal,
+        start=0.0,
+        lo=-150,
+        hi=150,
+        settings=DeepFocusSettings(focus_at="centre"),
+        field_tilt=(*tilt, 0.05 * dof),
+    )
+    info: dict[str, float] = {}
+    centre = s._field_centre(20.0, fmap, info)
+    assert centre is not None and abs(centre - 20.0) < 0.03 * dof, info
+    assert abs(centre - 20.0) < 0.5 * abs(own.centre - 20.0)
+    assert info["field_centre_sd"] <= limit and info["tilt_prior_used"] == 1.0
+    with_prior = field_plane(fmap, 0.2 * dof, prior=(*tilt, 0.05 * dof))
+    assert with_prior is not None
+    assert (with_prior.own_tilt_x_um, with_prior.own_tilt_y_um) == (
+        own.own_tilt_x_um,
+        own.own_tilt_y_um,
+    )
+    assert s.settings()["field_tilt"] == (*tilt, 0.05 * dof)
+    plain = DeepFocusSearch(
+        cal, start=0.0, lo=-150, hi=150, settings=DeepFocusSettings(focus_at="centre")
+    )
+    assert plain._field_centre(20.0, fmap, {}) is None
+    vague = field_plane(fmap, 0.2 * dof, prior=(0.0, 0.0, 100 * dof))
+    assert vague is not None and vague.centre_sd > limit
+    assert abs(vague.centre - own.centre) < 0.01 * dof
+
+
+def test_field_tilts_pool_by_their_errors_and_widen_when_fields_disagree():
+    """Pooled tilt: inverse-variance mean of the fields' own estimates; its error shrinks
+    with agreeing fields and is widened by the scatter when they disagree."""
+    from bluesky_deepfocus.search import FieldPlane
+
+    def plane(tx, ty, sd):
+        return FieldPlane(0.0, 0.1, tx, ty, 8, -1.0, 1.0, tx, ty, sd, sd)
+
+    assert pool_field_tilts([]) is None
+    tx, ty, sd = pool_field_tilts([plane(4.0, -2.0, 1.0), plane(6.0, -2.0, 1.0)])
+    assert (tx, ty) == pytest.approx((5.0, -2.0))
+    assert sd == pytest.approx(math.sqrt(2.0) * math.sqrt(0.5))  # x spread: red chi^2 2
+    tx, ty, sd = pool_field_tilts([plane(5.0, -2.0, 1.0)] * 4)
+    assert (tx, ty, sd) == pytest.approx((5.0, -2.0, 0.5))
+    tx, _, _ = pool_field_tilts([plane(0.0, 0.0, 0.1), plane(10.0, 0.0, 1.0)])
+    assert tx == pytest.approx(10.0 / 101.0)
+
+
+def test_field_tilt_is_checked(cal):
+    with pytest.raises(ValueError, match=r"field_tilt=\(1.0, 2.0, 0.0\) must be"):
+        DeepFocusSearch(cal, start=0.0, lo=-1, hi=1, field_tilt=(1.0, 2.0, 0.0))
 
 
 def test_focus_at_is_checked():
