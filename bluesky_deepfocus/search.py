@@ -1798,9 +1798,10 @@ def _spectra_arrays(specs: list[Spectrum]) -> tuple[NDArray, NDArray, NDArray, N
 class FieldPlane:
     """A plane through a per-patch focus map (:func:`field_plane`); um, image axes.
 
-    ``tilt_x_um`` / ``tilt_y_um``: the focus change across the field from its first to
-    its last column / row (with the prior, if one was given); ``own_*``: the same from
-    the map alone, with their standard errors (what :func:`pool_field_tilts` pools).
+    ``tilt_x_um`` / ``tilt_y_um``: the focus change across the field, edge to edge along
+    its rows (x, the columns' direction) / columns (y) (with the prior, if one was
+    given); ``own_*``: the same from the map alone, with their standard errors (what
+    :func:`pool_field_tilts` pools; NaN / inf when the patches lie in one row or column).
     """
 
     centre: float
@@ -1827,7 +1828,8 @@ def field_plane(
     *,
     prior: tuple[float, float, float] | None = None,
 ) -> FieldPlane | None:
-    """The robust plane through a per-patch focus map, or None with < 5 patches on it.
+    """The robust plane through a per-patch focus map, or None with < 5 patches on it
+    (or, without a prior, with those patches all in one row or column).
 
     The patches: the consensus of those within ``inlier_tol`` (um) of a plane
     (:func:`.results.fit_focus_plane`). Their scatter about it is robust (1.4826 MAD,
@@ -1857,31 +1859,40 @@ def field_plane(
     # the patches' scatter about the plane (robust; n - 3 residual degrees of freedom)
     scatter = 1.4826 * float(np.median(np.abs(r))) * math.sqrt(n / (n - 3))
     widen = float(stats.t.ppf(0.975, n - 3)) / _Z975
-    own_cov = np.linalg.inv(AtA) * scatter**2
-    own = (
-        float(coef[1]) * cols,
-        float(coef[2]) * rows,
-        math.sqrt(float(own_cov[1, 1])) * cols * widen,
-        math.sqrt(float(own_cov[2, 2])) * rows * widen,
-    )
+    # no error below this (the map's values come off a grid: a scatter of zero is not one)
+    floor = 0.05 * inlier_tol
+    if np.linalg.matrix_rank(AtA) < 3:
+        # patches all in one row or column: their own plane has no slope across it
+        if prior is None:
+            return None
+        own_cov = None
+        own = (math.nan, math.nan, math.inf, math.inf)
+    else:
+        own_cov = np.linalg.inv(AtA) * scatter**2
+        own = (
+            float(coef[1]) * cols,
+            float(coef[2]) * rows,
+            max(math.sqrt(float(own_cov[1, 1])) * cols * widen, floor),
+            max(math.sqrt(float(own_cov[2, 2])) * rows * widen, floor),
+        )
     theta, cov = np.asarray(coef, dtype=float), own_cov
     if prior is not None:
         tx, ty, sd = prior
         p_prec = np.array([0.0, (cols / sd) ** 2, (rows / sd) ** 2])
         p_mean = np.array([0.0, tx / cols, ty / rows])
-        s = max(scatter, 1e-9)
-        for _ in range(3):  # the scatter about the fit weighs the patches against the prior
-            M = AtA / s**2 + np.diag(p_prec)
-            cov = np.linalg.inv(M)
+        s = max(scatter, floor)
+        for _ in range(4):  # the scatter about the fit weighs the patches against the prior
+            cov = np.linalg.inv(AtA / s**2 + np.diag(p_prec))
             theta = cov @ (A.T @ zk / s**2 + p_prec * p_mean)
             p_eff = float(np.trace(cov @ AtA)) / s**2  # 1 (slopes known) .. 3 (prior weak)
             dof = max(n - p_eff, 1.0)
             res = zk - A @ theta
-            s = max(1.4826 * float(np.median(np.abs(res))) * math.sqrt(n / dof), 1e-9)
-        M = AtA / s**2 + np.diag(p_prec)
-        cov = np.linalg.inv(M)
+            s = max(1.4826 * float(np.median(np.abs(res))) * math.sqrt(n / dof), floor)
+        cov = np.linalg.inv(AtA / s**2 + np.diag(p_prec))
         theta = cov @ (A.T @ zk / s**2 + p_prec * p_mean)
+        dof = max(n - float(np.trace(cov @ AtA)) / s**2, 1.0)
         widen = float(stats.t.ppf(0.975, dof)) / _Z975
+    assert cov is not None
     plane = A @ theta
     return FieldPlane(
         centre=float(theta[0]),
@@ -1899,30 +1910,39 @@ def field_plane(
 
 
 def pool_field_tilts(planes: list[FieldPlane]) -> tuple[float, float, float] | None:
-    """The field tilt ``(tx, ty, sd)`` (um across the field) pooled from the planes of
-    earlier fields of one slide (a scan's tiles: the camera sees the slide's tilt the
-    same way in every field), for :class:`DeepFocusSearch`'s ``field_tilt``.
+    """The field tilt ``(tx, ty, sd)`` (um across the field) expected in the next field
+    of a slide, from the planes of its earlier fields (a scan's tiles: the camera sees
+    the slide's tilt the same way in every field), for :class:`DeepFocusSearch`'s
+    ``field_tilt``.
 
-    Each plane's own tilt estimates weighted by their inverse variances; the pooled
-    standard error is widened by the square root of the weighted scatter's reduced
-    chi^2 when it exceeds 1 (fields that disagree: a warped slide, or a wrong plane),
-    and ``sd`` is the larger of the two axes'. None without a plane.
+    A random-effects mean of the planes' own tilt estimates (weights ``1 / (sd_i^2 +
+    tau^2)``; ``tau^2``, the spread of the true tilt from field to field -- a warped
+    slide, a wrong plane -- estimated from their scatter, DerSimonian-Laird), and
+    ``sd`` the spread expected of the next field's tilt about it, ``sqrt(se^2 +
+    tau^2)``, the larger of the two axes'. None without a plane with finite errors.
     """
-    if not planes:
+    usable = [
+        p
+        for p in planes
+        if math.isfinite(p.own_tilt_x_sd_um) and math.isfinite(p.own_tilt_y_sd_um)
+    ]
+    if not usable:
         return None
     out = []
     for value, sd in (
         ("own_tilt_x_um", "own_tilt_x_sd_um"),
         ("own_tilt_y_um", "own_tilt_y_sd_um"),
     ):
-        v = np.array([getattr(p, value) for p in planes])
-        w = 1.0 / np.maximum([getattr(p, sd) for p in planes], 1e-6) ** 2
+        v = np.array([getattr(p, value) for p in usable])
+        var = np.array([getattr(p, sd) for p in usable]) ** 2
+        w = 1.0 / var
         mean = float((w * v).sum() / w.sum())
-        se = 1.0 / math.sqrt(float(w.sum()))
-        if len(v) > 1:
-            red = float((w * (v - mean) ** 2).sum()) / (len(v) - 1)
-            se *= math.sqrt(max(red, 1.0))
-        out.append((mean, se))
+        q = float((w * (v - mean) ** 2).sum())
+        c = float(w.sum() - (w * w).sum() / w.sum())
+        tau2 = max(0.0, (q - (len(v) - 1)) / c) if len(v) > 1 and c > 0 else 0.0
+        w = 1.0 / (var + tau2)
+        mean = float((w * v).sum() / w.sum())
+        out.append((mean, math.sqrt(1.0 / float(w.sum()) + tau2)))
     return out[0][0], out[1][0], max(out[0][1], out[1][1])
 
 

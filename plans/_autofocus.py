@@ -1002,7 +1002,10 @@ def autofocus_plan(
             on_failure=on_failure,
         ),
         "prior": list(prior) if prior is not None else None,
-        "field_tilt": list(field_tilt) if field_tilt is not None else None,
+        # (only the deepfocus search takes it)
+        "field_tilt": list(field_tilt)
+        if field_tilt is not None and strategy == "deepfocus"
+        else None,
         "retries": retries,
     }
     _md = _base_md(

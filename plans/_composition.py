@@ -7,8 +7,10 @@ recorded next to it, in streams named after ``stream_prefix`` (default ``"autofo
 ``autofocus_refocus``
     one event per refocus, *why* it happened: ``reason`` (``"first"``, ``"every"``,
     ``"drift"``), the ``seq_num`` of the primary event it precedes, the warm-start prior
-    (``prior_z``, ``prior_sd``; NaN for a cold start) and, for drift detection, the blur
-    that triggered it and the reference blur.
+    (``prior_z``, ``prior_sd``; NaN for a cold start), the slide tilt learned from
+    earlier tiles (``tilt_prior_x``, ``tilt_prior_y``, ``tilt_prior_sd``, um across the
+    field; NaN when none: always, except in :func:`refocus_per_step`) and, for drift
+    detection, the blur that triggered it and the reference blur.
 ``autofocus_images`` / ``autofocus_scores`` / ``autofocus_result``
     the images, (z, blur) pairs and decision of each refocus, as written by the stub.
 
@@ -123,10 +125,14 @@ def _check_autofocus_kwargs(kwargs: Mapping[str, Any], where: str) -> dict[str, 
             "max_drift_rate=... or turn it off with warm_start=False."
         )
     if "field_tilt" in kwargs:
+        why = (
+            "it learns the slide's tilt from the tiles it has focused (learn_tilt=True)"
+            if where == "refocus_per_step"
+            else "it refocuses one field, whose own focus map gives its tilt"
+        )
         raise ValueError(
-            f"field_tilt={kwargs['field_tilt']!r} cannot be given to {where}: "
-            "refocus_per_step learns the slide's tilt from the tiles it has focused "
-            "(learn_tilt=True); pass field_tilt to autofocus_plan / autofocus_stub directly."
+            f"field_tilt={kwargs['field_tilt']!r} cannot be given to {where}: {why}; pass "
+            "field_tilt to autofocus_plan / autofocus_stub directly."
         )
     unknown = sorted(set(kwargs) - set(_STUB_DEFAULTS))
     if unknown:

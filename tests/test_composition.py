@@ -283,7 +283,7 @@ def test_per_step_focuses_tile_centres_by_default(rig):
     assert hook.settings["settings"] == DeepFocusSettings(tol_dof=0.05, focus_at="detail")
     with pytest.raises(ValueError, match="focus_at='middle'"):
         refocus_per_step(rig.camera, rig.focus, rig.cal, scorer=rig.scorer, focus_at="middle")
-    with pytest.raises(ValueError, match="refocus_per_step learns the slide's tilt"):
+    with pytest.raises(ValueError, match="refocus_per_step: it learns the slide's tilt"):
         refocus_per_step(rig.camera, rig.focus, rig.cal, scorer=rig.scorer, field_tilt=(1, 1, 1))
     with pytest.raises(ValueError, match="learn_tilt='yes' must be True or False"):
         refocus_per_step(rig.camera, rig.focus, rig.cal, scorer=rig.scorer, learn_tilt="yes")
@@ -479,6 +479,11 @@ def timelapse(r: Rig, num=2, delay=1.0, **kw):
         (lambda r: per_step(r, every=True), ValueError, r"every=True must be an integer"),
         (lambda r: per_step(r, prior=(0.0, 1.0)), ValueError, r"prior=\(0.0, 1.0\) cannot"),
         (lambda r: per_step(r, bogus=1), TypeError, r"keyword\(s\) \['bogus'\]"),
+        (
+            lambda r: wrapper(r, every=1, field_tilt=(1, 1, 1)),
+            ValueError,
+            r"field_tilt=\(1, 1, 1\) cannot be given to refocus_wrapper: it refocuses one",
+        ),
         (lambda r: per_step(r, prior_sd=-1.0), ValueError, r"prior_sd=-1.0 must be a positive"),
         (lambda r: per_step(r, max_tilt=-0.1), ValueError, r"max_tilt=-0.1 must be"),
         (lambda r: per_step(r, max_travel=0), ValueError, r"max_travel=0 must be"),

@@ -853,21 +853,62 @@ def test_a_known_field_tilt_places_a_sparse_field_by_its_centre(cal):
 
 
 def test_field_tilts_pool_by_their_errors_and_widen_when_fields_disagree():
-    """Pooled tilt: inverse-variance mean of the fields' own estimates; its error shrinks
-    with agreeing fields and is widened by the scatter when they disagree."""
+    """The tilt expected in the next field: agreeing fields pool by their errors (the
+    error of the mean); fields that disagree by more than their errors add the spread
+    between fields (random effects), so the prior is as wide as the fields' tilts really
+    vary; planes with no slope estimate (inf errors) are left out."""
     from bluesky_deepfocus.search import FieldPlane
 
     def plane(tx, ty, sd):
         return FieldPlane(0.0, 0.1, tx, ty, 8, -1.0, 1.0, tx, ty, sd, sd)
 
     assert pool_field_tilts([]) is None
-    tx, ty, sd = pool_field_tilts([plane(4.0, -2.0, 1.0), plane(6.0, -2.0, 1.0)])
-    assert (tx, ty) == pytest.approx((5.0, -2.0))
-    assert sd == pytest.approx(math.sqrt(2.0) * math.sqrt(0.5))  # x spread: red chi^2 2
+    assert pool_field_tilts([plane(math.nan, math.nan, math.inf)]) is None
     tx, ty, sd = pool_field_tilts([plane(5.0, -2.0, 1.0)] * 4)
     assert (tx, ty, sd) == pytest.approx((5.0, -2.0, 0.5))
-    tx, _, _ = pool_field_tilts([plane(0.0, 0.0, 0.1), plane(10.0, 0.0, 1.0)])
-    assert tx == pytest.approx(10.0 / 101.0)
+    # two fields 2 um apart with errors 1: the spread between fields tau^2 = 1
+    tx, ty, sd = pool_field_tilts([plane(4.0, -2.0, 1.0), plane(6.0, -2.0, 1.0)])
+    assert (tx, ty, sd) == pytest.approx((5.0, -2.0, math.sqrt(1.0 + 1.0)))
+    # a precise field and a far-off one: not trusted to 0.1 um -- the spread dominates
+    tx, _, sd = pool_field_tilts([plane(0.0, 0.0, 0.1), plane(10.0, 0.0, 1.0)])
+    assert 4.0 < tx < 6.0 and sd > 5.0, (tx, sd)
+    nine = [plane(t, 0.0, 0.5) for t in np.random.default_rng(0).normal(5.0, 2.0, 9)]
+    _, _, sd = pool_field_tilts(nine)
+    assert sd > 1.2, sd  # ~ the fields' spread (2), not the error of their mean (~0.2)
+
+
+def test_the_plane_with_a_tilt_prior(cal):
+    """``field_plane`` with a prior: the prior's tilt across the field is per field edge
+    to edge along x (columns) and y (rows), on non-square maps too; a prior that pins the
+    slopes leaves one parameter, the level (centre = mean of the patches less the prior
+    plane, residual degrees of freedom n - 1); patches all in one row have no slope
+    across it: no plane of their own, one with the prior."""
+    dof = syn.DOF
+    rows, cols, tx, ty = 3, 6, 6.0, -2.0
+    yy, xx = np.mgrid[0:rows, 0:cols].astype(float)
+    u, v = (xx - (cols - 1) / 2) / cols, (yy - (rows - 1) / 2) / rows
+    noise = np.random.default_rng(2).normal(0.0, 0.3, (rows, cols))
+    fmap = 10.0 + tx * u + ty * v + noise
+    own = field_plane(fmap, 2.0)
+    assert own is not None and own.n == 18
+    assert abs(own.own_tilt_x_um - tx) < 3 * own.own_tilt_x_sd_um
+    assert abs(own.own_tilt_y_um - ty) < 3 * own.own_tilt_y_sd_um
+    pinned = field_plane(fmap, 2.0, prior=(tx, ty, 1e-6))
+    assert pinned is not None
+    assert (pinned.tilt_x_um, pinned.tilt_y_um) == pytest.approx((tx, ty), abs=1e-6)
+    level = fmap - tx * u - ty * v
+    assert pinned.centre == pytest.approx(level.mean(), abs=1e-6)
+    res = level - pinned.centre
+    s = 1.4826 * np.median(np.abs(res)) * math.sqrt(18 / 17)
+    t = stats.t.ppf(0.975, 17) / stats.norm.ppf(0.975)
+    assert pinned.centre_sd == pytest.approx(s / math.sqrt(18) * t, rel=1e-4)
+    five = np.full((6, 6), np.nan)
+    five[2, 1:6] = 20.0 + (np.arange(1, 6) - 2.5) * 0.8 * dof / 6
+    assert field_plane(five, 0.2 * dof) is None
+    with_prior = field_plane(five, 0.2 * dof, prior=(0.8 * dof, 0.0, 0.05 * dof))
+    assert with_prior is not None and math.isinf(with_prior.own_tilt_x_sd_um)
+    assert abs(with_prior.centre - 20.0) < 0.05 * dof, with_prior
+    assert pool_field_tilts([with_prior]) is None
 
 
 def test_field_tilt_is_checked(cal):
