@@ -42,6 +42,7 @@ __all__ = [
     "Objective",
     "blur",
     "encircled_energy_radius",
+    "far_defocus_image",
     "get_objective",
     "noll_to_nm",
     "objective_psf",
@@ -539,6 +540,76 @@ def blur(obj: ArrayLike, psf: ArrayLike, mode: Literal["valid", "same"] = "valid
         )
     out = signal.fftconvolve(o, p, mode=mode)
     return np.maximum(out, 0.0)
+
+
+#: geometric blur radius (camera pixels) beyond which :func:`far_defocus_image` renders a
+#: field instead of a PSF convolution (40x/0.75: ~147 um out of focus; never reached by
+#: 10x or 20x within +/-300 um). There the defocus phase spans hundreds of waves, the
+#: stationary-phase OTF is the exact one to ~1e-3, and the exact PSF takes seconds (4 s
+#: and 7 GB for a 40x field 300 um out, plus 10 s to convolve)
+FAR_DEFOCUS_BLUR_PX = 1024.0
+
+
+def far_defocus_image(
+    obj: ArrayLike,
+    defocus_um: float,
+    objective: Objective,
+    shape: tuple[int, int],
+    *,
+    blur_per_cell: float = 64.0,
+) -> FloatArray:
+    """Image of the central ``shape`` pixels of ``obj`` far out of focus, fast.
+
+    Far out of focus the image holds only spatial frequencies far below the camera's
+    Nyquist limit. Its OTF there is the geometric-optics (stationary-phase) limit of the
+    defocused pupil's: each pupil frequency ``f`` lands at radius ``r(f) = |z| f / kz``
+    (``kz = sqrt(k^2 - f^2)``), so ``OTF(q) = int J0(2 pi q r(f)) 2 pi f df / (pi fc^2)``
+    (a 1-D integral, tabulated). The object's spectrum is cut to the band where that OTF
+    is not negligible (``|q| < 1 / (2 m)`` cycles per pixel, ``m`` a power of two with
+    the blur radius >= ``blur_per_cell * m`` pixels), multiplied by the OTF, inverse-transformed on
+    the ``m``-times coarser grid and interpolated back to the pixels (cubic spline: the
+    image is band-limited well inside that grid's band). ``obj`` needs a margin of
+    ``psf_support_px(defocus_um, ...) // 2`` pixels on every side, as for :func:`blur`.
+    Measured against the PSF convolution on 40x fields 150-250 um out: the mean to
+    < 4e-4 and the pattern to <= 0.5 % of the mean (the frames' shot noise is ~1 %;
+    ``tests/test_optics.py``).
+    """
+    from scipy import fft, ndimage, special
+
+    o = np.asarray(obj, dtype=np.float32)
+    H, W = shape
+    px = objective.pixel_size_um
+    r_px = objective.geometric_blur_radius_um(defocus_um) / px
+    m = 1 << math.floor(math.log2(max(r_px / blur_per_cell, 1.0)))
+    my, mx = (o.shape[0] - H) // 2, (o.shape[1] - W) // 2
+    # the crop: the field plus whole coarse pixels of margin on each side
+    ny, nx = (o.shape[0] // m) * m, (o.shape[1] // m) * m
+    oy, ox = (o.shape[0] - ny) // 2, (o.shape[1] - nx) // 2
+    crop = o[oy : oy + ny, ox : ox + nx]
+    spec = fft.rfft2(crop)
+    cy, cx = ny // m, nx // m
+    ky, kx = cy // 2, cx // 2
+    band = np.zeros((cy, kx + 1), dtype=spec.dtype)
+    band[:ky, : kx + 1] = spec[:ky, : kx + 1]
+    band[cy - ky + 1 :, : kx + 1] = spec[ny - ky + 1 :, : kx + 1]
+    q = np.hypot(np.fft.fftfreq(cy, d=m)[:, None], np.fft.rfftfreq(cx, d=m)[None, :]) / px
+    fc = objective.na / objective.wavelength_um
+    k = objective.immersion_index / objective.wavelength_um
+    n_f = 2048
+    fp = (np.arange(n_f) + 0.5) / n_f * fc  # pupil radii (midpoints)
+    r = abs(float(defocus_um)) * fp / np.sqrt(k * k - fp * fp)  # where each lands (um)
+    weight = 2.0 * fp / (n_f * fc)  # 2 pi f df / (pi fc^2)
+    qs = np.linspace(0.0, float(q.max()) * (1 + 1e-6) + 1e-12, 2048)
+    otf = special.j0(2 * np.pi * qs[:, None] * r[None, :]) @ weight
+    band *= np.interp(q, qs, otf)
+    coarse = fft.irfft2(band, s=(cy, cx)) / (m * m)
+    # camera pixel i of the field is crop pixel (my - oy + i), coarse coordinate / m
+    yy = (my - oy + np.arange(H)) / m
+    xx = (mx - ox + np.arange(W)) / m
+    image = ndimage.map_coordinates(
+        coarse, np.meshgrid(yy, xx, indexing="ij"), order=3, mode="grid-wrap"
+    )
+    return np.maximum(image, 0.0)
 
 
 def render_depth_variant(

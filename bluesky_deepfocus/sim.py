@@ -16,7 +16,10 @@ Image formation: the field of view at the XY stage position is cropped from the 
 with a margin of half the PSF footprint at the largest defocus and blurred with
 :func:`~bluesky_deepfocus.optics.blur` (``mode="valid"``, nothing wraps around) for a
 uniform defocus, or with :func:`~bluesky_deepfocus.optics.render_depth_variant` for a
-tilted specimen; then :meth:`~bluesky_deepfocus.optics.CameraModel.expose` adds shot
+tilted specimen (far out of focus at high NA -- a geometric blur wider than
+:data:`~bluesky_deepfocus.optics.FAR_DEFOCUS_BLUR_PX`, 40x beyond ~147 um -- with
+:func:`~bluesky_deepfocus.optics.far_defocus_image`, from the geometric-optics OTF: the
+pattern within ~0.5 % of the mean intensity, in 0.1-0.25 s instead of 1-15 s); then :meth:`~bluesky_deepfocus.optics.CameraModel.expose` adds shot
 and read noise. The defocus of a pixel at stage coordinates ``(X, Y)`` and simulated time
 ``t`` is ``z - (true_focus_um + tilt[0] * X + tilt[1] * Y + drift_um_per_s * t)``.
 
@@ -61,10 +64,12 @@ from pymmcore_plus.experimental.unicore import (
 )
 
 from .optics import (
+    FAR_DEFOCUS_BLUR_PX,
     OBJECTIVES,
     CameraModel,
     Objective,
     blur,
+    far_defocus_image,
     get_objective,
     objective_psf,
     psf_support_px,
@@ -760,6 +765,21 @@ class MicroscopeSimulation:
             )
             crop = slide.crop(x_hw, y_hw, self.sensor_shape, margin=size // 2)
             image = render_depth_variant(crop, dmap, obj, zernike_waves=self.aberrations)
+        elif (
+            not any(self.aberrations.values())
+            and obj.geometric_blur_radius_um(d0) / obj.pixel_size_um > FAR_DEFOCUS_BLUR_PX
+        ):
+            # far out of focus at high NA: the PSF alone would take seconds (a camera
+            # snap timing out); the field's few low frequencies from the geometric OTF
+            size = psf_support_px(
+                d0,
+                na=obj.na,
+                wavelength_um=obj.wavelength_um,
+                pixel_size_um=obj.pixel_size_um,
+                immersion_index=obj.immersion_index,
+            )
+            crop = slide.crop(x_hw, y_hw, self.sensor_shape, margin=size // 2)
+            image = far_defocus_image(crop, d0, obj, self.sensor_shape)
         else:
             psf = objective_psf(obj, d0, zernike_waves=self.aberrations)
             crop = slide.crop(x_hw, y_hw, self.sensor_shape, margin=psf.shape[0] // 2)

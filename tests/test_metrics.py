@@ -326,3 +326,15 @@ def test_sharpness_benchmark_finds_the_order_specimen_free(family):
     assert r["violation_dof_d0.02"] < 0, r
     assert r["max_asym"] < DeepFocusSettings().order_sigma, r
     assert r["range"] > 0.5, r  # the stack does span sharp and blurred frames
+
+
+def test_sharpness_model_benchmark_measures_the_curves_scatter():
+    """bench_sharpness --model on a small stack: the symmetric curve fits a smooth field's
+    frames to within the search's assumed scatter, with a width inside the fitted range."""
+    from bluesky_deepfocus.benchmarks.bench_sharpness import model_scatter
+    from bluesky_deepfocus.search import DeepFocusSettings
+
+    r = model_scatter("10x/0.3", "smooth", 2001, num=13, sensor=256)
+    assert r["frames"] >= 5, r
+    assert 0 < r["rms"] < DeepFocusSettings().sharpness_fit_sigma, r
+    assert 0.1 <= r["width_dof"] <= 2.0, r
