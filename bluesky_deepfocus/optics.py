@@ -543,10 +543,11 @@ def blur(obj: ArrayLike, psf: ArrayLike, mode: Literal["valid", "same"] = "valid
 
 
 #: geometric blur radius (camera pixels) beyond which :func:`far_defocus_image` renders a
-#: field instead of a PSF convolution (40x/0.75: ~147 um out of focus; never reached by
-#: 10x or 20x within +/-300 um). There the defocus phase spans hundreds of waves, the
-#: stationary-phase OTF is the exact one to ~1e-3, and the exact PSF takes seconds (4 s
-#: and 7 GB for a 40x field 300 um out, plus 10 s to convolve)
+#: field instead of a PSF convolution: 40x/0.75 ~147 um out of focus, 20x/0.75 ~293 um,
+#: 60x/1.4 ~46 um, 100x/1.45 ~20 um, 20x/0.45 ~660 um, 10x/0.3 ~2.1 mm (so the 10x and
+#: 20x/0.45 benchmarks never use it). There the defocus phase spans tens to hundreds of
+#: waves and the stationary-phase OTF is the exact one to ~1e-3; the exact PSF takes
+#: seconds (4 s and 7 GB for a 40x field 300 um out, plus 10 s to convolve)
 FAR_DEFOCUS_BLUR_PX = 1024.0
 
 
@@ -570,9 +571,11 @@ def far_defocus_image(
     the ``m``-times coarser grid and interpolated back to the pixels (cubic spline: the
     image is band-limited well inside that grid's band). ``obj`` needs a margin of
     ``psf_support_px(defocus_um, ...) // 2`` pixels on every side, as for :func:`blur`.
-    Measured against the PSF convolution on 40x fields 150-250 um out: the mean to
-    < 4e-4 and the pattern to <= 0.5 % of the mean (the frames' shot noise is ~1 %;
-    ``tests/test_optics.py``).
+    Measured against the PSF convolution on 40x fields 150-290 um out (6 families): the
+    mean within 2.4e-3 (mostly < 5e-4) and the pattern within 0.51 % of the mean (the
+    noisy frames' own sd is 1.5-15 % of their mean; ``tests/test_optics.py``). Its OTF
+    is ~1e-3 off the exact one beyond the first lobes (the stationary-phase limit). Time and memory grow with the crop, ``(field + 2.5 r)^2``
+    pixels (r the blur radius): 40x 1 mm out of focus, ~18000^2 pixels, ~2.6 GB.
     """
     from scipy import fft, ndimage, special
 
@@ -590,6 +593,8 @@ def far_defocus_image(
     cy, cx = ny // m, nx // m
     ky, kx = cy // 2, cx // 2
     band = np.zeros((cy, kx + 1), dtype=spec.dtype)
+    # the coarse grid's frequencies (at its band edge -- Nyquist; for odd sizes the last
+    # row pair, dropped -- the OTF is ~1e-3 of its peak)
     band[:ky, : kx + 1] = spec[:ky, : kx + 1]
     band[cy - ky + 1 :, : kx + 1] = spec[ny - ky + 1 :, : kx + 1]
     q = np.hypot(np.fft.fftfreq(cy, d=m)[:, None], np.fft.rfftfreq(cx, d=m)[None, :]) / px
