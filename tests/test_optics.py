@@ -607,17 +607,19 @@ def test_the_psf_cache_is_bounded_in_bytes_and_keeps_results_exact(monkeypatch):
     assert list(optics._psf_cache.values()) == [big]
 
 
-def test_far_out_of_focus_fields_render_from_the_geometric_otf():
-    """Beyond FAR_DEFOCUS_BLUR_PX of geometric blur (40x: ~147 um out) the simulator
-    renders from the stationary-phase OTF instead of a PSF: against the PSF convolution
-    of the same crop, the mean within 1e-3 and the pattern within 1 % of the mean (the
-    frame's own shot noise is ~5 %); nearer focus the PSF path is kept exactly."""
+@pytest.mark.parametrize("name", ["40x/0.75", "100x/1.45"])
+def test_far_out_of_focus_fields_render_from_the_geometric_otf(name):
+    """Beyond FAR_DEFOCUS_BLUR_PX of geometric blur (40x: ~147 um out; 100x oil: ~20 um)
+    the simulator renders from the stationary-phase OTF instead of a PSF: against the
+    PSF convolution of the same crop, the mean within 3e-3 (the largest measured on 6
+    families at 40x, 2.4e-3) and the pattern within 1 % of the mean and half the
+    pattern; nearer focus the PSF path is kept exactly."""
     from bluesky_deepfocus.optics import FAR_DEFOCUS_BLUR_PX, far_defocus_image
     from bluesky_deepfocus.sim import get_simulation, simulated_microscope
 
-    obj = get_objective("40x/0.75")
+    obj = get_objective(name)
     core = simulated_microscope(
-        objective="40x/0.75",
+        objective=name,
         specimen="nuclei",
         sensor_shape=(256, 256),
         seed=5,
@@ -630,8 +632,19 @@ def test_far_out_of_focus_fields_render_from_the_geometric_otf():
         crop = sim.slide.crop(0.0, 0.0, (256, 256), margin=psf.shape[0] // 2)
         exact = blur(crop, psf, mode="valid")
         fast = np.asarray(sim.optical_image(d))
-        assert np.array_equal(fast, far_defocus_image(crop, d, obj, (256, 256)))
-        assert abs(fast.mean() / exact.mean() - 1) < 1e-3, d
+        margin = (
+            psf_support_px(
+                d,
+                na=obj.na,
+                wavelength_um=obj.wavelength_um,
+                pixel_size_um=obj.pixel_size_um,
+                immersion_index=obj.immersion_index,
+            )
+            // 2
+        )
+        own = sim.slide.crop(0.0, 0.0, (256, 256), margin=margin)
+        assert np.array_equal(fast, far_defocus_image(own, d, obj, (256, 256)))
+        assert abs(fast.mean() / exact.mean() - 1) < 3e-3, d
         pattern = (exact - exact.mean()).std() / exact.mean()
         err = (fast - exact).std() / exact.mean()
         assert err < 0.01 and err < 0.5 * pattern, (d, err, pattern)
