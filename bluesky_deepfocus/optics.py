@@ -143,6 +143,18 @@ class Objective:
         r_airy = 0.5 * self.resolution_um / self.pixel_size_um
         return math.sqrt(r_geo * r_geo + r_airy * r_airy + 0.25)
 
+    def psf_support_px(self, defocus_um: float, aberration_waves: float = 0.0) -> int:
+        """:func:`psf_support_px` for this objective: the odd side (camera pixels) of a
+        box that holds its PSF at ``defocus_um``."""
+        return psf_support_px(
+            defocus_um,
+            na=self.na,
+            wavelength_um=self.wavelength_um,
+            pixel_size_um=self.pixel_size_um,
+            immersion_index=self.immersion_index,
+            aberration_waves=aberration_waves,
+        )
+
     def with_(self, **changes: float | str) -> Objective:
         """Return a copy with some fields changed."""
         return replace(self, **changes)  # type: ignore[arg-type]

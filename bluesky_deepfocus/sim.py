@@ -72,7 +72,6 @@ from .optics import (
     far_defocus_image,
     get_objective,
     objective_psf,
-    psf_support_px,
     render_depth_variant,
 )
 from .specimens import FAMILIES, Slide
@@ -755,13 +754,8 @@ class MicroscopeSimulation:
         if tilted:
             dmap = self.defocus_map(z_um, x_um, y_um, t)
             dmax = float(np.abs(dmap).max())
-            size = psf_support_px(
-                dmax,
-                na=obj.na,
-                wavelength_um=obj.wavelength_um,
-                pixel_size_um=obj.pixel_size_um,
-                immersion_index=obj.immersion_index,
-                aberration_waves=sum(abs(v) for v in self.aberrations.values()),
+            size = obj.psf_support_px(
+                dmax, aberration_waves=sum(abs(v) for v in self.aberrations.values())
             )
             crop = slide.crop(x_hw, y_hw, self.sensor_shape, margin=size // 2)
             image = render_depth_variant(crop, dmap, obj, zernike_waves=self.aberrations)
@@ -771,13 +765,7 @@ class MicroscopeSimulation:
         ):
             # far out of focus at high NA: the PSF alone would take seconds (a camera
             # snap timing out); the field's few low frequencies from the geometric OTF
-            size = psf_support_px(
-                d0,
-                na=obj.na,
-                wavelength_um=obj.wavelength_um,
-                pixel_size_um=obj.pixel_size_um,
-                immersion_index=obj.immersion_index,
-            )
+            size = obj.psf_support_px(d0)
             crop = slide.crop(x_hw, y_hw, self.sensor_shape, margin=size // 2)
             image = far_defocus_image(crop, d0, obj, self.sensor_shape)
         else:
