@@ -49,6 +49,8 @@ class AutofocusResult(AutofocusSummary):
 
     def __str__(self) -> str:
         mark = "converged" if self.converged else self.status
+        if mark == "sharpest":
+            mark = "not converged, at the sharpest image taken"
         return (
             f"Autofocus {mark}: z {self.start_z:.2f} -> {self.final_z:.2f} um "
             f"(dz {self.dz:+.2f} um, sd {self.sigma_um:.2f} um), {self.images_used} images, "

@@ -76,7 +76,8 @@ class AutofocusSummary:
     moved
         Whether the focus ended somewhere else than it started.
     status
-        ``"converged"``, ``"restored"``, ``"stayed"``, ``"failed"``.
+        ``"converged"``, ``"restored"``, ``"stayed"``, ``"failed"``, ``"sharpest"`` (not
+        converged; moved to the sharpest image taken, ``on_failure="sharpest"``).
     reason
         Human-readable why.
     sharpness_start, sharpness_final

@@ -43,7 +43,12 @@ __all__ = ["autofocus_plan", "autofocus_stub", "calibration_plan"]
 
 MsgGenerator = Generator[Msg, Any, Any]
 logger = logging.getLogger("bluesky_deepfocus.plans")
-ON_FAILURE = ("restore", "raise", "stay")
+ON_FAILURE = ("restore", "raise", "stay", "sharpest")
+# on_failure="sharpest": the sharpest image must beat the start image by this much (the
+# plans' tolerance on gradient sharpness, log units) and stand this share above its
+# camera-noise floor (DeepFocusSettings.min_detail_share: a frame that saw detail)
+SHARPEST_MARGIN = 0.05
+SHARPEST_DETAIL_SHARE = 0.3
 STRATEGIES = ("deepfocus", "paper", "brent")
 
 
@@ -589,6 +594,14 @@ def autofocus_stub(
             search.tell((yield from measure(z)))
         return (yield from decide(search.result()))
 
+    def fallback(why: str) -> tuple[float, str, str]:
+        # on_failure="sharpest": the sharpest image taken, if it is clearly sharper than
+        # the start image and saw detail; else the start position
+        best, verdict = _sharpest_image(observations, z0, tol, lo, hi)
+        if best is None:
+            return z0, "restored", f"restored the start position: {why}; {verdict}"
+        return best.z, "sharpest", f"{why}; moved to the sharpest image taken: {verdict}"
+
     def decide(res: Any) -> Generator[Msg, Any, AutofocusResult]:
         start_sharp = _sharpness_at(observations, z0, tol)
         ok = (
@@ -601,11 +614,14 @@ def autofocus_stub(
             target = float(res.z_focus)
             status, reason = "converged", res.reason
         else:
-            status = {"restore": "restored", "stay": "stayed", "raise": "failed"}[on_failure]
-            target = (
-                z0 if on_failure in ("restore", "raise") else float((yield from bps.rd(focus)))
-            )
             reason = f"not moved to the estimate: {res.reason} (confidence {res.confidence:.2f})"
+            if on_failure == "sharpest":
+                target, status, reason = fallback(reason)
+            else:
+                status = {"restore": "restored", "stay": "stayed", "raise": "failed"}[on_failure]
+                target = (
+                    z0 if on_failure in ("restore", "raise") else float((yield from bps.rd(focus)))
+                )
         if ok and not math.isfinite(_sharpness_at(observations, target, tol)):
             # no image at the estimate (the paper's search does not aim for one; ours not when
             # its budget ran out): image it, so that the sharpness check below can run
@@ -623,14 +639,15 @@ def autofocus_stub(
                     )
                 else:
                     ok = False
-                    target = z0
-                    yield from move(target)
-                    status = "restored"
-                    reason = (
-                        f"restored the start position: the estimate ({res.z_focus:.2f} um) "
-                        f"contradicts the images' sharpness: {clash} (image budget "
-                        f"max_images={max_images} used, so it could not be imaged)"
+                    why = (
+                        f"the estimate ({res.z_focus:.2f} um) contradicts the images' "
+                        f"sharpness: {clash} (image budget max_images={max_images} used, so "
+                        "it could not be imaged)"
                     )
+                    target, status, reason = z0, "restored", f"restored the start position: {why}"
+                    if on_failure == "sharpest":
+                        target, status, reason = fallback(why)
+                    yield from move(target)
             else:
                 yield from measure(target)
         elif ok or on_failure != "stay":
@@ -644,14 +661,14 @@ def autofocus_stub(
             and final_sharp < start_sharp - 0.05
         ):
             # the image at the estimate is less sharp than the start: go back, and say so
-            target = z0
-            yield from move(target)
-            status = "restored"
-            reason = (
-                f"restored the start position: the image at the estimate ({res.z_focus:.2f} um) "
-                f"was less sharp than at the start (sharpness {final_sharp:.2f} < "
-                f"{start_sharp:.2f})"
+            why = (
+                f"the image at the estimate ({res.z_focus:.2f} um) was less sharp than at the "
+                f"start (sharpness {final_sharp:.2f} < {start_sharp:.2f})"
             )
+            target, status, reason = z0, "restored", f"restored the start position: {why}"
+            if on_failure == "sharpest":
+                target, status, reason = fallback(why)
+            yield from move(target)
             ok = False
         final = float((yield from bps.rd(focus)))
         if not ok and status == "converged":
@@ -769,6 +786,44 @@ def _order_clash(
                     "farther from the estimate"
                 )
     return None
+
+
+def _sharpest_image(
+    observations: list[Observation], z0: float, tol: float, lo: float, hi: float
+) -> tuple[Observation | None, str]:
+    """The image ``on_failure="sharpest"`` moves to, and why; or None and why not.
+
+    The sharpest image (gradient sharpness) taken within ``[lo, hi]``, when it is sharper
+    than the image at the start position ``z0`` by :data:`SHARPEST_MARGIN` and its gradient
+    energy stands :data:`SHARPEST_DETAIL_SHARE` above its camera-noise floor (when that is
+    known). It was imaged, so the focus ends no less sharp than it started, and nowhere
+    that was not measured; it is not a focus estimate (the result is not converged).
+    """
+    start = _sharpness_at(observations, z0, tol)
+    if not math.isfinite(start):
+        return None, "no image at the start position to compare with"
+    obs = [o for o in observations if math.isfinite(o.gradient_sharpness) and lo <= o.z <= hi]
+    if not obs:
+        return None, "no image has a finite sharpness"
+    best = max(obs, key=lambda o: o.gradient_sharpness)
+    g = best.gradient_sharpness
+    if g <= start + SHARPEST_MARGIN:
+        return None, (
+            f"no image was sharper than the start (the sharpest, at {best.z:.2f} um, "
+            f"{g:.2f} vs {start:.2f} at the start; needs > {SHARPEST_MARGIN:g} more)"
+        )
+    floor = best.sharpness_floor
+    if math.isfinite(floor) and math.exp(g) < (1 + SHARPEST_DETAIL_SHARE) * math.exp(floor):
+        share = math.exp(g - floor) - 1
+        return None, (
+            f"the sharpest image (at {best.z:.2f} um) saw no detail: its gradient energy "
+            f"stands {100 * share:.0f} % above the camera noise's (needs "
+            f"{100 * SHARPEST_DETAIL_SHARE:g} %)"
+        )
+    return best, (
+        f"at {best.z:.2f} um, sharpness {g:.2f} vs {start:.2f} at the start (not a verified "
+        "focus: the search did not converge)"
+    )
 
 
 def _sharpness_at(observations: list[Observation], z: float, tol: float = 1e-3) -> float:
@@ -927,8 +982,12 @@ def autofocus_plan(
     on_failure
         When the estimate is not trustworthy (no focus information, low confidence, not
         converged, beyond the bounds): ``"restore"`` the start position, ``"stay"`` where
-        the last image was taken, or ``"raise"`` :class:`~bluesky_deepfocus.AutofocusFailed`
-        (after restoring the start position). Nothing is moved blindly in any case.
+        the last image was taken, ``"raise"`` :class:`~bluesky_deepfocus.AutofocusFailed`
+        (after restoring the start position), or go to the ``"sharpest"`` image taken when
+        it is clearly sharper than the start image and saw detail (status ``"sharpest"``,
+        not converged: a measured position, not a focus estimate; else the start position
+        is restored). Also applies when the image at the estimate turns out less sharp
+        than the start. Nothing is moved blindly in any case.
     strategy
         ``"deepfocus"`` (ours), ``"paper"`` (the paper's algorithm) or ``"brent"``.
     max_travel

@@ -152,7 +152,73 @@ def test_blank_field_does_not_move(RE, rig, sim):
     assert "no focus information" in res.reason
 
 
-@pytest.mark.parametrize("mode", ["restore", "stay", "raise"])
+def test_on_failure_sharpest_goes_to_the_sharpest_image_taken(RE, docs, rig, sim):
+    # the focus lies 10 um beyond max_travel: the search cannot converge, but its images
+    # nearer the bound are sharper than the start; "sharpest" ends at the sharpest of them
+    sim.set_true_focus(35.0)
+    RE.subscribe(docs)
+    moves = _moves(RE)
+    res = RE(
+        autofocus_plan(
+            rig.camera,
+            rig.focus,
+            rig.cal,
+            scorer=rig.scorer,
+            max_travel=25.0,
+            max_images=5,
+            on_failure="sharpest",
+        )
+    ).plan_result
+    assert moves and max(abs(m) for m in moves) <= 25.0 + 1e-9
+    assert not res.converged and res.status == "sharpest" and res.moved
+    assert "moved to the sharpest image taken" in res.reason, res.reason
+    assert str(res).startswith("Autofocus not converged, at the sharpest image taken: z 0.00 ->")
+    # an imaged position, the sharpest of them, clearly sharper than the start
+    assert rig.focus.position == pytest.approx(res.final_z)
+    assert min(abs(z - res.final_z) for z in res.z_measured) < 1e-9
+    assert res.sharpness_final > res.sharpness_start + 0.05
+    # the recorded images' sharpness (what an audit sees) names the same image
+    scores = [d["data"] for d in docs.of("event") if f"{SCORES_STREAM}_z" in d["data"]]
+    sharp = {d[f"{SCORES_STREAM}_z"]: d[f"{SCORES_STREAM}_sharpness"] for d in scores}
+    assert len(sharp) >= 3 and max(sharp, key=sharp.get) == pytest.approx(res.final_z)
+    assert abs(res.final_z - 35.0) < 35.0 - 20.0  # well nearer the focus than the start
+    (stored,) = [d["data"] for d in docs.of("event") if "autofocus_result_status" in d["data"]]
+    assert stored["autofocus_result_status"] == "sharpest"
+    assert not stored["autofocus_result_converged"]
+
+
+def test_sharpest_image_rules():
+    import importlib
+
+    from bluesky_deepfocus.search import Observation
+
+    _sharpest_image = importlib.import_module(autofocus_plan.__module__)._sharpest_image
+
+    def obs(z, g, floor=float("nan")):
+        return Observation(z=z, gradient_sharpness=g, sharpness_floor=floor)
+
+    ok, why = _sharpest_image([obs(0.0, -2.0), obs(5.0, -1.0), obs(9.0, -1.5)], 0.0, 0.1, -20, 20)
+    assert ok is not None and ok.z == 5.0 and "at 5.00 um" in why
+    # no image at the start to compare with (a prior moved the first image elsewhere)
+    none, why = _sharpest_image([obs(5.0, -1.0)], 0.0, 0.1, -20, 20)
+    assert none is None and "no image at the start" in why
+    # not sharper than the start by the margin
+    none, why = _sharpest_image([obs(0.0, -2.0), obs(5.0, -1.96)], 0.0, 0.1, -20, 20)
+    assert none is None and "no image was sharper than the start" in why
+    # sharper, but hardly above the camera noise: no detail seen
+    none, why = _sharpest_image([obs(0.0, -2.0, -1.9), obs(5.0, -1.8, -1.9)], 0.0, 0.1, -20, 20)
+    assert none is None and "saw no detail" in why and "11 %" in why
+    # an image outside the bounds (cannot happen in a plan) is never chosen
+    ok, _ = _sharpest_image([obs(0.0, -2.0), obs(30.0, 0.0), obs(4.0, -1.0)], 0.0, 0.1, -20, 20)
+    assert ok is not None and ok.z == 4.0
+    # NaN sharpness is skipped
+    ok, _ = _sharpest_image(
+        [obs(0.0, -2.0), obs(3.0, float("nan")), obs(4.0, -1.0)], 0.0, 0.1, -20, 20
+    )
+    assert ok is not None and ok.z == 4.0
+
+
+@pytest.mark.parametrize("mode", ["restore", "stay", "raise", "sharpest"])
 def test_on_failure_modes(RE, rig, sim, mode):
     blank = simulated_microscope(
         specimen=np.zeros((64, 64)), specimen_pixel_um=10.0, sensor_shape=SENSOR
@@ -169,6 +235,9 @@ def test_on_failure_modes(RE, rig, sim, mode):
     res = RE(plan).plan_result
     if mode == "restore":
         assert res.status == "restored" and foc.position == pytest.approx(0.0)
+    elif mode == "sharpest":  # a blank field: no image is sharper than the start
+        assert res.status == "restored" and foc.position == pytest.approx(0.0)
+        assert "no image was sharper than the start" in res.reason, res.reason
     else:
         assert res.status == "stayed" and foc.position == pytest.approx(res.z_measured[-1])
 

@@ -848,6 +848,44 @@ def test_a_spent_budget_never_moves_to_an_estimate_the_images_contradict(
     assert rig.focus.position == pytest.approx(0.0)
 
 
+@pytest.mark.parametrize("max_images", [3, 8])
+def test_on_failure_sharpest_replaces_a_refused_estimate_by_the_sharpest_image(
+    RE, docs, rig, sim, monkeypatch, max_images
+):
+    """The same confidently wrong search (estimate 15 um), the sample in focus at -5 um,
+    where one of its images was taken. Refused either way -- with the budget spent the
+    estimate contradicts the images' sharpness (3), else the image taken there is less
+    sharp than the start (8) -- and on_failure="sharpest" ends at the sharpest image
+    taken instead of the start: an imaged position, sharper than the start, not
+    converged, and the result says so."""
+    sim.noise = False
+    sim.set_true_focus(-5.0)
+    plans = importlib.import_module(autofocus_plan.__module__)
+    fake = lambda strategy, cal, **kw: _BudgetRanOut(cal, **kw)  # noqa: E731
+    monkeypatch.setattr(plans, "make_search", fake)
+    RE.subscribe(docs)
+    res = RE(
+        autofocus_plan(
+            rig.camera,
+            rig.focus,
+            rig.cal,
+            scorer=rig.scorer,
+            min_images=2,
+            max_images=max_images,
+            on_failure="sharpest",
+        )
+    ).plan_result
+    zs = _assert_complete_record(docs, _last_run(docs))
+    assert res.images_used == len(zs) == (3 if max_images == 3 else 4)
+    why = (
+        "contradicts the images' sharpness" if max_images == 3 else "less sharp than at the start"
+    )
+    assert why in res.reason and "moved to the sharpest image taken" in res.reason, res
+    assert res.status == "sharpest" and not res.converged and res.moved, res
+    assert rig.focus.position == pytest.approx(-5.0) == res.final_z
+    assert res.sharpness_final > res.sharpness_start + 0.05
+
+
 # ======================================================================================
 # 6. a short long run: 20 autofocus runs of a drifting timelapse, all stored
 # ======================================================================================

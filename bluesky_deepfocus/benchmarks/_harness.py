@@ -53,12 +53,17 @@ class Bench:
     """One RunEngine, devices rebuilt per simulated microscope."""
 
     def __init__(
-        self, sensor: int = 512, quiet: bool = True, settings: DeepFocusSettings | None = None
+        self,
+        sensor: int = 512,
+        quiet: bool = True,
+        settings: DeepFocusSettings | None = None,
+        on_failure: str = "restore",
     ) -> None:
         from bluesky import RunEngine
 
         self.sensor = sensor
         self.settings = settings  # tuning of every strategy="deepfocus" trial
+        self.on_failure = on_failure  # of every trial that does not set its own
         self.loop = asyncio.new_event_loop()
         self.RE = RunEngine({}, call_returns_result=True, loop=self.loop)
         self.plan_seconds = 0.0
@@ -131,6 +136,7 @@ class Bench:
 
         if strategy == "deepfocus" and self.settings is not None:
             kw.setdefault("settings", self.settings)
+        kw.setdefault("on_failure", self.on_failure)
         sim.set_true_focus(true_focus)
         focus.move(start_z).wait(10)
         t = time.perf_counter()
@@ -215,6 +221,8 @@ def summarize(trials: Sequence[Trial], dof: float | None = None) -> dict[str, fl
     # how the misses happened: refusals (start restored, said so) or confidently wrong
     ok = np.array([t.status == "converged" for t in trials])
     out["refused"] = float(np.mean(~ok))
+    # of those, moved to the sharpest image taken (on_failure="sharpest") instead of the start
+    out["to_sharpest"] = float(np.mean([t.status == "sharpest" for t in trials]))
     out["converged_wrong_1um"] = float(np.mean(ok & (e > 1.0)))
     # converged without an image at the final position, and how many of those > 1 um off
     seen = np.array([bool(t.extra.get("verified", True)) for t in trials])

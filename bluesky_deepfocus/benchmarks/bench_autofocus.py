@@ -174,6 +174,7 @@ def _row(label: str, trials: list[Trial], dof: float) -> dict[str, Any]:
     s["blank_fields_focused"] = sum(
         1 for t in blank if t.status == "converged" and abs(t.error) <= 1.0
     )
+    s["blank_fields_sharpest"] = sum(1 for t in blank if t.status == "sharpest")
     fams = sorted({t.family for t in trials})
     if len(fams) > 1:
         s["by_family"] = {
@@ -285,7 +286,12 @@ def exit_with_parent(parent_pid: int, interval: float = 1.0) -> threading.Thread
 
 
 def _fig4_worker_init(
-    sensor: int, settings: str, cals: dict[str, Any], threads: int, parent_pid: int
+    sensor: int,
+    settings: str,
+    on_failure: str,
+    cals: dict[str, Any],
+    threads: int,
+    parent_pid: int,
 ) -> None:
     import torch
 
@@ -295,7 +301,9 @@ def _fig4_worker_init(
     torch.set_num_threads(threads)
     tuning = json.loads(settings)
     _WORKER["bench"] = Bench(
-        sensor=sensor, settings=DeepFocusSettings(**tuning) if tuning else None
+        sensor=sensor,
+        settings=DeepFocusSettings(**tuning) if tuning else None,
+        on_failure=on_failure,
     )
     _WORKER["scorer"] = DeepFocusScorer()
     _WORKER["cals"] = cals
@@ -329,7 +337,7 @@ def _run_fig4(
         max_workers=jobs,
         mp_context=mp.get_context("spawn"),  # the parent holds threads (RunEngine, torch)
         initializer=_fig4_worker_init,
-        initargs=(args.sensor, args.settings, cals, threads, os.getpid()),
+        initargs=(args.sensor, args.settings, args.on_failure, cals, threads, os.getpid()),
     ) as pool:
         order = sorted(range(len(tasks)), key=lambda i: -tasks[i].budget)
         futures = {i: pool.submit(_fig4_worker, tasks[i], args.fig4_trials) for i in order}
@@ -343,7 +351,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from ..search import DeepFocusSettings
 
     tuning = json.loads(args.settings)
-    bench = Bench(sensor=args.sensor, settings=DeepFocusSettings(**tuning) if tuning else None)
+    bench = Bench(
+        sensor=args.sensor,
+        settings=DeepFocusSettings(**tuning) if tuning else None,
+        on_failure=args.on_failure,
+    )
     scorer = DeepFocusScorer()
     cells = set(args.cells)
     needed = ["10x/0.3"]
@@ -359,6 +371,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {
         "model": scorer.describe(),
         "settings": tuning,
+        "on_failure": args.on_failure,
         "trials_per_cell": n,
         "sensor": args.sensor,
         "cells": {},
@@ -371,7 +384,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for r in rows:
             print(
                 f"[{name}] {r['label']}: mean |err| {r['mean_abs_um']:.3f} um, max {r['max_abs_um']:.2f}, "
-                f"within 1 um {r['within_1um']:.2f}, images {r['mean_images']:.1f} (max {r['max_images']:.0f})",
+                f"within 1 um {r['within_1um']:.2f}, images {r['mean_images']:.1f} (max {r['max_images']:.0f}), "
+                f"refused {r['refused']:.2f} (to the sharpest image {r.get('to_sharpest', 0.0):.2f})",
                 flush=True,
             )
         (out_dir / "autofocus_benchmark.json").write_text(
@@ -920,7 +934,8 @@ def _stat_columns(r: dict[str, Any]) -> str:
         f"{r['mean_abs_um']:.3f} | {r.get('mean_abs_dof', nan):.4f} | "
         f"{r['p95_abs_um']:.3f} | {r['max_abs_um']:.3f} | {r['within_1um']:.2f} | "
         f"{r['mean_images']:.1f}/{r['max_images']:.0f} | {int(r['n'])} | "
-        f"{r['refused']:.2f} | {r['converged_wrong_1um']:.2f} | "
+        f"{r['refused']:.2f} ({r.get('to_sharpest', 0.0):.2f}) | "
+        f"{r['converged_wrong_1um']:.2f} | "
         f"{r.get('converged_unverified', nan):.2f} ({r.get('unverified_wrong_1um', nan):.2f}) | "
         f"{r['blank_at_focus']:.2f} | "
         f"{r.get('mean_abs_estimate_um', nan):.3f} ({r.get('estimate_within_1um', nan):.2f})"
@@ -929,9 +944,9 @@ def _stat_columns(r: dict[str, Any]) -> str:
 
 def _markdown(report: dict[str, Any]) -> str:
     lines = [
-        f"# Autofocus benchmark (model {report['model'].get('model_id')}, sensor {report['sensor']} px, settings {json.dumps(report.get('settings') or {})})",
+        f"# Autofocus benchmark (model {report['model'].get('model_id')}, sensor {report['sensor']} px, settings {json.dumps(report.get('settings') or {})}, on_failure={report.get('on_failure', 'restore')!r})",
         "",
-        "| cell | mean abs err (um) | mean (DOF) | p95 | max | within 1 um | images mean/max | n | refused | converged >1 um off | converged, final position not imaged (of which >1 um off) | field blank at focus | estimate err, moved or not (within 1 um) | blank fields: refused, start kept / focused anyway / total |",
+        "| cell | mean abs err (um) | mean (DOF) | p95 | max | within 1 um | images mean/max | n | refused (of which moved to the sharpest image) | converged >1 um off | converged, final position not imaged (of which >1 um off) | field blank at focus | estimate err, moved or not (within 1 um) | blank fields: refused, start kept / focused anyway / moved to the sharpest image / total |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for rows in report["cells"].values():
@@ -940,7 +955,7 @@ def _markdown(report: dict[str, Any]) -> str:
                 lines.append(
                     f"| {r['label']} | {_stat_columns(r)} | "
                     f"{r.get('blank_fields_restored', 0)} / {r.get('blank_fields_focused', 0)} / "
-                    f"{r.get('blank_fields', 0)} |"
+                    f"{r.get('blank_fields_sharpest', 0)} / {r.get('blank_fields', 0)} |"
                 )
                 for fam, f in r.get("by_family", {}).items():
                     lines.append(f"| &nbsp;&nbsp;{fam} | {_stat_columns(f)} | |")
@@ -1039,6 +1054,14 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
         "--settings",
         default="{}",
         help="DeepFocusSettings for our search as JSON, e.g. '{\"spec_model_sigma\": 0.3}'",
+    )
+    p.add_argument(
+        "--on-failure",
+        default="restore",
+        choices=("restore", "sharpest"),
+        help="what every trial does when the search does not converge: restore the start "
+        "position (the plans' default) or go to the sharpest image taken when it is clearly "
+        "sharper than the start (column 'to sharpest')",
     )
     p.add_argument("--out", default="bench_results/autofocus")
     return p
