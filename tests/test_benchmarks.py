@@ -49,7 +49,9 @@ def test_fig4_points_in_worker_processes_equal_the_points_run_here(bench):
         _Fig4Task("10x/0.3", "brent+tenengrad", 2, 60.0, 61.0),
         _Fig4Task("10x/0.3", "brent+ws", 3, 60.0, 61.0),
     ]
-    args = argparse.Namespace(fig4_trials=2, jobs=1, sensor=512, settings="{}")
+    args = argparse.Namespace(
+        fig4_trials=2, jobs=1, sensor=512, settings="{}", on_failure="restore"
+    )
     cals = {"10x/0.3": None}  # Brent needs none
     here = list(_run_fig4(tasks, bench, cals, None, args))
     args.jobs = 2
@@ -245,5 +247,6 @@ def test_the_fig4_worker_initializer_starts_the_parent_watch(monkeypatch):
     watched = []
     monkeypatch.setattr(ba, "exit_with_parent", lambda pid, interval=1.0: watched.append(pid))
     monkeypatch.setattr(ba, "_WORKER", {})
-    ba._fig4_worker_init(64, "{}", {}, torch.get_num_threads(), 12345)
+    ba._fig4_worker_init(64, "{}", "sharpest", {}, torch.get_num_threads(), 12345)
     assert watched == [12345]
+    assert ba._WORKER["bench"].on_failure == "sharpest"  # every trial of the worker

@@ -662,7 +662,9 @@ def _tiles(
     xy = MMXYStage(core, name="xy")
     sim.set_true_focus(12.0)
     foc.move(0.0).wait(10)
-    per_step = refocus_per_step(cam, foc, cal, scorer=scorer, max_images=6)
+    per_step = refocus_per_step(
+        cam, foc, cal, scorer=scorer, max_images=6, on_failure=bench.on_failure
+    )
     truth = []
 
     def check(name: str, doc: dict[str, Any]) -> None:
@@ -705,6 +707,8 @@ def _tiles(
         "blank": int(blank.sum()),
         "blank_refused": int((blank & ~ok).sum()),
         "refused": int((~ok & ~blank).sum()),
+        # of the refused and blank tiles, moved to the sharpest image (on_failure="sharpest")
+        "to_sharpest": sum(r.status == "sharpest" for r in per_step.results),
         "centred": int(centred.sum()),
         # converged tiles with detail: where the hook focused, and where the detail was
         "converged_max_abs_um": stat(e[use], np.max),
@@ -747,7 +751,9 @@ def _timelapse(bench: Bench, cal: Any, scorer: Any) -> dict[str, Any]:
 
     token = bench.RE.subscribe(clock)
     try:
-        res = bench.RE(timelapse_plan(cam, foc, cal, 30, 0.0, scorer=scorer)).plan_result  # type: ignore[union-attr]
+        res = bench.RE(
+            timelapse_plan(cam, foc, cal, 30, 0.0, scorer=scorer, on_failure=bench.on_failure)
+        ).plan_result  # type: ignore[union-attr]
     finally:
         bench.RE.unsubscribe(token)
     imgs = [r.images_used for r in res]
