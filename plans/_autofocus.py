@@ -594,13 +594,18 @@ def autofocus_stub(
             search.tell((yield from measure(z)))
         return (yield from decide(search.result()))
 
+    chosen: list[Observation] = []  # the image on_failure="sharpest" went to
+
     def fallback(why: str) -> tuple[float, str, str]:
         # on_failure="sharpest": the sharpest image taken, if it is clearly sharper than
         # the start image and saw detail; else the start position
         best, verdict = _sharpest_image(observations, z0, tol, lo, hi)
         if best is None:
             return z0, "restored", f"restored the start position: {why}; {verdict}"
-        return best.z, "sharpest", f"{why}; moved to the sharpest image taken: {verdict}"
+        chosen.append(best)
+        # (a read-back a hair beyond a bound counts as taken there; never commanded beyond)
+        target = min(max(best.z, lo), hi)
+        return target, "sharpest", f"{why}; moved to the sharpest image taken: {verdict}"
 
     def decide(res: Any) -> Generator[Msg, Any, AutofocusResult]:
         start_sharp = _sharpness_at(observations, z0, tol)
@@ -685,7 +690,12 @@ def autofocus_stub(
             status=status,
             reason=reason,
             sharpness_start=start_sharp,
-            sharpness_final=_sharpness_at(observations, final, tol),
+            # the image the decision compared (another image near the same z may differ)
+            sharpness_final=(
+                chosen[-1].gradient_sharpness
+                if status == "sharpest"
+                else _sharpness_at(observations, final, tol)
+            ),
             run_uid=session.run_uid or "",
             strategy=strategy,
             z_measured=tuple(o.z for o in observations),
@@ -793,18 +803,31 @@ def _sharpest_image(
 ) -> tuple[Observation | None, str]:
     """The image ``on_failure="sharpest"`` moves to, and why; or None and why not.
 
-    The sharpest image (gradient sharpness) taken within ``[lo, hi]``, when it is sharper
-    than the image at the start position ``z0`` by :data:`SHARPEST_MARGIN` and its gradient
-    energy stands :data:`SHARPEST_DETAIL_SHARE` above its camera-noise floor (when that is
-    known). It was imaged, so the focus ends no less sharp than it started, and nowhere
-    that was not measured; it is not a focus estimate (the result is not converged).
+    The sharpest image (gradient sharpness) taken within ``[lo, hi]`` (``tol`` of slack
+    for read-backs) and more than ``tol`` from the start position ``z0``, when it is
+    sharper than the sharpest image taken at ``z0`` by :data:`SHARPEST_MARGIN` and its
+    gradient energy stands :data:`SHARPEST_DETAIL_SHARE` above its camera-noise floor (when
+    that is known). It was imaged, so the focus ends no less sharp than it started, and
+    nowhere that was not measured; it is not a focus estimate (the result is not
+    converged). Needs an image at the start (Brent's search takes none: it restores).
     """
-    start = _sharpness_at(observations, z0, tol)
-    if not math.isfinite(start):
+    at_start = [
+        o.gradient_sharpness
+        for o in observations
+        if abs(o.z - z0) <= tol and math.isfinite(o.gradient_sharpness)
+    ]
+    if not at_start:
         return None, "no image at the start position to compare with"
-    obs = [o for o in observations if math.isfinite(o.gradient_sharpness) and lo <= o.z <= hi]
+    start = max(at_start)
+    obs = [
+        o
+        for o in observations
+        if math.isfinite(o.gradient_sharpness)
+        and lo - tol <= o.z <= hi + tol
+        and abs(o.z - z0) > tol
+    ]
     if not obs:
-        return None, "no image has a finite sharpness"
+        return None, "no image away from the start has a finite sharpness"
     best = max(obs, key=lambda o: o.gradient_sharpness)
     g = best.gradient_sharpness
     if g <= start + SHARPEST_MARGIN:
@@ -821,8 +844,8 @@ def _sharpest_image(
             f"{100 * SHARPEST_DETAIL_SHARE:g} %)"
         )
     return best, (
-        f"at {best.z:.2f} um, sharpness {g:.2f} vs {start:.2f} at the start (not a verified "
-        "focus: the search did not converge)"
+        f"at {best.z:.2f} um, sharpness {g:.2f} vs {start:.2f} at the start (an imaged "
+        "position, not a verified focus)"
     )
 
 
@@ -986,8 +1009,11 @@ def autofocus_plan(
         (after restoring the start position), or go to the ``"sharpest"`` image taken when
         it is clearly sharper than the start image and saw detail (status ``"sharpest"``,
         not converged: a measured position, not a focus estimate; else the start position
-        is restored). Also applies when the image at the estimate turns out less sharp
-        than the start. Nothing is moved blindly in any case.
+        is restored; it needs an image at the start, which ``strategy="brent"`` never
+        takes, so there it restores). With ``"sharpest"`` this also replaces the restore
+        after the sharpness checks (the image at the estimate less sharp than the start,
+        or, with the budget spent, an estimate the images contradict). Nothing is moved
+        blindly in any case.
     strategy
         ``"deepfocus"`` (ours), ``"paper"`` (the paper's algorithm) or ``"brent"``.
     max_travel

@@ -211,11 +211,41 @@ def test_sharpest_image_rules():
     # an image outside the bounds (cannot happen in a plan) is never chosen
     ok, _ = _sharpest_image([obs(0.0, -2.0), obs(30.0, 0.0), obs(4.0, -1.0)], 0.0, 0.1, -20, 20)
     assert ok is not None and ok.z == 4.0
+    # a second image at the start is the start, not a place to move to; the start's
+    # sharpness is the better of its images
+    none, _ = _sharpest_image([obs(0.0, -2.0), obs(0.05, -1.0)], 0.0, 0.1, -20, 20)
+    assert none is None
+    none, _ = _sharpest_image([obs(0.0, -1.0), obs(0.0, -2.0), obs(5.0, -0.98)], 0.0, 0.1, -20, 20)
+    assert none is None  # -0.98 beats the later start image (-2.0) but not the first (-1.0)
+    # a read-back a hair beyond a bound still counts as the image taken there
+    ok, _ = _sharpest_image([obs(0.0, -2.0), obs(20.0 + 1e-7, -1.0)], 0.0, 0.1, -20, 20)
+    assert ok is not None and ok.z == pytest.approx(20.0)
     # NaN sharpness is skipped
     ok, _ = _sharpest_image(
         [obs(0.0, -2.0), obs(3.0, float("nan")), obs(4.0, -1.0)], 0.0, 0.1, -20, 20
     )
     assert ok is not None and ok.z == 4.0
+
+
+def test_on_failure_sharpest_with_brent_restores(RE, rig, sim):
+    # Brent's search never images the start position, so nothing says an image is
+    # sharper than the start: "sharpest" restores it, and says why
+    sim.set_true_focus(35.0)
+    res = RE(
+        autofocus_plan(
+            rig.camera,
+            rig.focus,
+            None,
+            scorer=Tenengrad(),
+            strategy="brent",
+            max_travel=25.0,
+            max_images=4,
+            on_failure="sharpest",
+        )
+    ).plan_result
+    assert all(abs(z) > 1e-3 for z in res.z_measured)
+    assert res.status == "restored" and rig.focus.position == pytest.approx(0.0)
+    assert "no image at the start position" in res.reason, res.reason
 
 
 @pytest.mark.parametrize("mode", ["restore", "stay", "raise", "sharpest"])

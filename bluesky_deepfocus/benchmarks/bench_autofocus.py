@@ -703,7 +703,8 @@ def _tiles(
         "max_abs_um": stat(e, np.max),
         "mean_abs_um": stat(e, np.mean),
         "all_within_1um": bool(len(e) == 9 and np.all(e <= 1.0)),
-        # tiles blank at their focus (field_is_blank): refused with the focus kept, or not
+        # tiles blank at their focus (field_is_blank): not converged (the focus kept, or
+        # with on_failure="sharpest" perhaps at the sharpest image), or converged anyway
         "blank": int(blank.sum()),
         "blank_refused": int((blank & ~ok).sum()),
         "refused": int((~ok & ~blank).sum()),
