@@ -313,7 +313,8 @@ def _failed(df: pd.DataFrame) -> Any:
 
 
 def plot_focus_trajectory(history: Any, ax: Axes | None = None) -> Axes:
-    """Final focus position of each autofocus run over time; failures marked.
+    """Final focus position of each autofocus run over time; failures marked (runs that
+    ended at their sharpest image, ``on_failure="sharpest"``, apart).
 
     Parameters
     ----------
@@ -333,9 +334,20 @@ def plot_focus_trajectory(history: Any, ax: Axes | None = None) -> Axes:
         return ax
     times = pd.to_datetime(df["time"]).dt.tz_convert(None)
     ok = ~_failed(df)
+    # on_failure="sharpest": not converged, but moved to the sharpest image taken
+    sharpest = (df["status"] == "sharpest") & (df["exit_status"] == "success")
     ax.plot(times, df["final_z"], "-", color="0.6", lw=1, zorder=1)
     ax.plot(times[ok], df["final_z"][ok], "o", color="C0", ms=4, label="final z")
-    failed = ~ok
+    if sharpest.any():
+        ax.plot(
+            times[sharpest],
+            df["final_z"][sharpest],
+            "^",
+            color="C1",
+            ms=6,
+            label="not converged: at the sharpest image",
+        )
+    failed = ~ok & ~sharpest
     if failed.any():
         z_failed = df["final_z"].where(df["final_z"].notna(), df["start_z"])
         ax.plot(times[failed], z_failed[failed], "x", color="C3", ms=7, mew=2, label="failed")

@@ -131,6 +131,26 @@ def test_plot_focus_trajectory_marks_failures(history):
     assert len(ax2.get_lines()) == len(ax.get_lines())
 
 
+def test_plot_focus_trajectory_marks_runs_at_their_sharpest_image_apart():
+    df = pd.DataFrame(
+        {
+            "time": pd.to_datetime(
+                ["2026-01-01T00:00", "2026-01-01T00:01", "2026-01-01T00:02"], utc=True
+            ),
+            "start_z": [0.0, 1.0, 2.0],
+            "final_z": [5.0, 3.5, 2.0],
+            "converged": [True, False, False],
+            "status": ["converged", "sharpest", "restored"],
+            "exit_status": ["success", "success", "success"],
+        }
+    )
+    ax = plot_focus_trajectory(df)
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert list(lines["final z"].get_ydata()) == [5.0]
+    assert list(lines["not converged: at the sharpest image"].get_ydata()) == [3.5]
+    assert list(lines["failed"].get_ydata()) == [2.0]
+
+
 @pytest.mark.parametrize("style", ["z_b_shift", "z_um_blur"])
 def test_plot_autofocus_run_over_calibration(history, style):
     run = history.catalog[history.uids[0]]

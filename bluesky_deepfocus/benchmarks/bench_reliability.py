@@ -22,7 +22,7 @@ table ``DIR/runs.csv`` and the memory samples ``DIR/memory.csv`` when ``--out`` 
   documents still waiting for the background catalog writer (they are held in memory),
   and RSS once the writer caught up (before and after ``malloc_trim``);
 - the focus error ``|final z - true focus|`` of the runs (mean, p50, p95, max) and the
-  outcomes (converged / restored / failed);
+  outcomes (converged / restored / failed; the plan's default ``on_failure="restore"``);
 - data lost: runs emitted by the RunEngine but missing from the catalog, missing from
   :func:`~bluesky_deepfocus.audit.focus_history`, stored without their stop document,
   events missing against the ``num_events`` of each stop document, and runs left in the
