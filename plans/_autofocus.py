@@ -596,9 +596,11 @@ def autofocus_stub(
 
     chosen: list[Observation] = []  # the image on_failure="sharpest" went to
 
-    def fallback(why: str) -> tuple[float, str, str]:
-        # on_failure="sharpest": the sharpest image taken, if it is clearly sharper than
-        # the start image and saw detail; else the start position
+    def refuse(why: str) -> tuple[float, str, str]:
+        # where an estimate is refused: the start position, or with on_failure="sharpest"
+        # the sharpest image taken if it is clearly sharper than the start and saw detail
+        if on_failure != "sharpest":
+            return z0, "restored", f"restored the start position: {why}"
         best, verdict = _sharpest_image(observations, z0, tol, lo, hi)
         if best is None:
             return z0, "restored", f"restored the start position: {why}; {verdict}"
@@ -621,7 +623,7 @@ def autofocus_stub(
         else:
             reason = f"not moved to the estimate: {res.reason} (confidence {res.confidence:.2f})"
             if on_failure == "sharpest":
-                target, status, reason = fallback(reason)
+                target, status, reason = refuse(reason)
             else:
                 status = {"restore": "restored", "stay": "stayed", "raise": "failed"}[on_failure]
                 target = (
@@ -649,9 +651,7 @@ def autofocus_stub(
                         f"sharpness: {clash} (image budget max_images={max_images} used, so "
                         "it could not be imaged)"
                     )
-                    target, status, reason = z0, "restored", f"restored the start position: {why}"
-                    if on_failure == "sharpest":
-                        target, status, reason = fallback(why)
+                    target, status, reason = refuse(why)
                     yield from move(target)
             else:
                 yield from measure(target)
@@ -670,9 +670,7 @@ def autofocus_stub(
                 f"the image at the estimate ({res.z_focus:.2f} um) was less sharp than at the "
                 f"start (sharpness {final_sharp:.2f} < {start_sharp:.2f})"
             )
-            target, status, reason = z0, "restored", f"restored the start position: {why}"
-            if on_failure == "sharpest":
-                target, status, reason = fallback(why)
+            target, status, reason = refuse(why)
             yield from move(target)
             ok = False
         final = float((yield from bps.rd(focus)))

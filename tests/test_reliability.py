@@ -773,6 +773,12 @@ class _BudgetRanOut(Search):
         return SearchResult(z, 15.0, 0.1, 0.0, 1.0, True, "budget used up", self.n)
 
 
+def _use_budget_ran_out(monkeypatch: Any) -> None:
+    """Make the plans build a :class:`_BudgetRanOut` search whatever the strategy."""
+    plans = importlib.import_module(autofocus_plan.__module__)
+    monkeypatch.setattr(plans, "make_search", lambda strategy, cal, **kw: _BudgetRanOut(cal, **kw))
+
+
 @pytest.mark.parametrize("search", ["paper", "budget-ran-out"])
 def test_an_unimaged_estimate_is_imaged_and_checked(RE, docs, rig, sim, liar, search, monkeypatch):
     """The search ends at an estimate it did not image: one more image is taken there
@@ -781,9 +787,7 @@ def test_an_unimaged_estimate_is_imaged_and_checked(RE, docs, rig, sim, liar, se
     sim.noise = False
     scorer = liar  # the paper's search, misled by a CNN claiming focus 15 um away
     if search == "budget-ran-out":
-        plans = importlib.import_module(autofocus_plan.__module__)
-        fake = lambda strategy, cal, **kw: _BudgetRanOut(cal, **kw)  # noqa: E731
-        monkeypatch.setattr(plans, "make_search", fake)
+        _use_budget_ran_out(monkeypatch)
         scorer = rig.scorer
     RE.subscribe(docs)
     res = RE(
@@ -833,9 +837,7 @@ def test_a_spent_budget_never_moves_to_an_estimate_the_images_contradict(
     user's), and no move either, since the sharpest image (at the start) is farther from
     the estimate than the blurrier ones: the focus stays, and the result says why."""
     sim.noise = False
-    plans = importlib.import_module(autofocus_plan.__module__)
-    fake = lambda strategy, cal, **kw: _BudgetRanOut(cal, **kw)  # noqa: E731
-    monkeypatch.setattr(plans, "make_search", fake)
+    _use_budget_ran_out(monkeypatch)
     RE.subscribe(docs)
     res = RE(
         autofocus_plan(
@@ -860,9 +862,7 @@ def test_on_failure_sharpest_replaces_a_refused_estimate_by_the_sharpest_image(
     converged, and the result says so."""
     sim.noise = False
     sim.set_true_focus(-5.0)
-    plans = importlib.import_module(autofocus_plan.__module__)
-    fake = lambda strategy, cal, **kw: _BudgetRanOut(cal, **kw)  # noqa: E731
-    monkeypatch.setattr(plans, "make_search", fake)
+    _use_budget_ran_out(monkeypatch)
     RE.subscribe(docs)
     res = RE(
         autofocus_plan(
